@@ -1,0 +1,180 @@
+"""Per-song cost records and the reports rebuilt from them.
+
+Each generated song gets a JSON record under ``records/`` beside the audio, written only
+after the audio is stored. A failed attempt gets its own record under
+``records/failed/``. ``cost_report.csv`` and ``failures.csv`` at the root of the output
+location are rebuilt from all records at the end of every run, so no run loses the rows
+of an earlier one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from mgutil.storage import Store
+
+logger = logging.getLogger(__name__)
+
+RECORDS_PREFIX = "records/"
+FAILED_RECORDS_PREFIX = "records/failed/"
+COST_REPORT_KEY = "cost_report.csv"
+FAILURES_KEY = "failures.csv"
+
+STATUS_DONE = "done"
+STATUS_FAILED = "failed"
+
+# The first columns of cost_report.csv, in this order. s3_filename holds the output key,
+# for a local store too, so the report reads the same wherever it was made.
+REPORT_COLUMNS = [
+    "s3_filename",
+    "prompt",
+    "requested_duration_s",
+    "generation_time_s",
+    "estimated_cost_usd",
+]
+FAILURE_COLUMNS = [
+    "s3_filename",
+    "prompt",
+    "requested_duration_s",
+    "generation_time_s",
+    "estimated_cost_usd",
+    "error",
+    "resolved",
+]
+
+
+def estimate_cost_usd(generation_time_s: float, hourly_cost_usd: float) -> float:
+    """Return the estimated cost of ``generation_time_s`` seconds at an hourly rate in USD."""
+    return generation_time_s / 3600.0 * hourly_cost_usd
+
+
+@dataclass
+class SongRecord:
+    """Provenance and cost of one generation attempt.
+
+    Times are seconds; ``started_at`` and ``finished_at`` are ISO 8601 in UTC; costs are
+    USD, the rate USD per hour.
+    """
+
+    output_key: str
+    prompt: str
+    requested_duration_s: float
+    actual_duration_s: float | None
+    generation_time_s: float
+    estimated_cost_usd: float
+    hourly_cost_usd: float
+    model_id: str
+    device: str
+    started_at: str
+    finished_at: str
+    run_id: str
+    status: str
+    error: str | None = None
+    job_hash: str = ""
+    seed: int = 0
+    line_number: int = 0
+    sampling_rate: int | None = None
+    channels: int | None = None
+    windows: int | None = None
+    settings: dict = field(default_factory=dict)
+    hostname: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def record_key(record: SongRecord) -> str:
+    """Return the key a record is stored under.
+
+    A song has one success record; each failed attempt has its own, named by run, so a
+    later success never hides what a failure cost.
+    """
+    stem = record.output_key.rsplit("/", 1)[-1].removesuffix(".wav")
+    if record.status == STATUS_DONE:
+        return f"{RECORDS_PREFIX}{stem}.json"
+    return f"{FAILED_RECORDS_PREFIX}{stem}-{record.run_id}.json"
+
+
+def write_record(store: Store, record: SongRecord) -> str:
+    """Store a record and return its key."""
+    key = record_key(record)
+    store.put_bytes(record.to_json(), key, "application/json")
+    return key
+
+
+def read_records(store: Store) -> list[dict]:
+    """Read every record in the store; unreadable ones are logged and skipped."""
+    records = []
+    for key in store.list_keys(RECORDS_PREFIX):
+        if not key.endswith(".json"):
+            continue
+        try:
+            records.append(json.loads(store.get_bytes(key)))
+        except (ValueError, UnicodeDecodeError) as error:
+            logger.warning("skipping unreadable record %s: %s", store.location_of(key), error)
+    return records
+
+
+def _records_frame(records: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(records)
+    if frame.empty:
+        return frame
+    frame = frame.rename(columns={"output_key": "s3_filename"})
+    frame = frame.drop(columns=["settings"], errors="ignore")
+    # Chronological; songs started in the same second keep job file order.
+    order = [column for column in ("started_at", "line_number", "s3_filename") if column in frame]
+    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def build_cost_report(records: list[dict]) -> pd.DataFrame:
+    """Return one row per stored song, the report columns first."""
+    done = [record for record in records if record.get("status") == STATUS_DONE]
+    frame = _records_frame(done)
+    if frame.empty:
+        return pd.DataFrame(columns=REPORT_COLUMNS)
+    extra = [column for column in frame.columns if column not in REPORT_COLUMNS]
+    return frame[REPORT_COLUMNS + extra]
+
+
+def build_failures(records: list[dict]) -> pd.DataFrame:
+    """Return one row per failed attempt; ``resolved`` says whether a later run stored it."""
+    done_keys = {record["output_key"] for record in records if record.get("status") == STATUS_DONE}
+    failed = [record for record in records if record.get("status") == STATUS_FAILED]
+    frame = _records_frame(failed)
+    if frame.empty:
+        return pd.DataFrame(columns=FAILURE_COLUMNS)
+    frame["resolved"] = frame["s3_filename"].isin(done_keys)
+    extra = [column for column in frame.columns if column not in FAILURE_COLUMNS]
+    return frame[FAILURE_COLUMNS + extra]
+
+
+def _csv_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    return buffer.getvalue().encode("utf-8")
+
+
+def rebuild_reports(store: Store) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rebuild ``cost_report.csv`` and ``failures.csv`` from every record in the store.
+
+    Returns:
+        The cost report and the failures table.
+    """
+    records = read_records(store)
+    report = build_cost_report(records)
+    failures = build_failures(records)
+    store.put_bytes(_csv_bytes(report), COST_REPORT_KEY, "text/csv")
+    store.put_bytes(_csv_bytes(failures), FAILURES_KEY, "text/csv")
+    logger.info(
+        "wrote %s (%d songs) and %s (%d failed attempts)",
+        store.location_of(COST_REPORT_KEY),
+        len(report),
+        store.location_of(FAILURES_KEY),
+        len(failures),
+    )
+    return report, failures

@@ -1,0 +1,329 @@
+"""One interface over the two output locations: a local folder and an S3 prefix.
+
+Keys are relative, ``/``-separated paths such as ``song-1a2b3c4d.wav`` or
+``records/song-1a2b3c4d.json``. Both stores promise that a stored object is never
+half-written: the local store writes a temporary file and renames it, and the S3 store
+counts an upload only after HEAD reports the expected size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from mgutil.config import parse_output_uri
+from mgutil.errors import StorageError, StoragePermissionError
+
+logger = logging.getLogger(__name__)
+
+WAV_CONTENT_TYPE = "audio/wav"
+# Prefix of in-progress local writes; list_keys() never returns them.
+_TEMP_PREFIX = ".tmp-"
+# Attempts per S3 call, retried by botocore's standard retry mode with backoff.
+S3_MAX_ATTEMPTS = 10
+
+
+class Store(ABC):
+    """An output location: songs, records and reports under relative keys."""
+
+    uri: str
+
+    @abstractmethod
+    def check_ready(self) -> None:
+        """Check that the location exists and can be reached; raise StorageError if not."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Return whether ``key`` is stored.
+
+        Raises:
+            StoragePermissionError: Access was denied, so existence is unknown.
+            StorageError: Any other failure; never reported as "exists" or "missing".
+        """
+
+    @abstractmethod
+    def put_file(self, local_path: str | Path, key: str, content_type: str) -> None:
+        """Store a local file under ``key``, replacing any object already there."""
+
+    @abstractmethod
+    def put_bytes(self, data: bytes, key: str, content_type: str) -> None:
+        """Store ``data`` under ``key``, replacing any object already there."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Return the content of ``key``."""
+
+    @abstractmethod
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        """Copy ``key`` to a local file."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Return every key that starts with ``prefix``, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    def location_of(self, key: str) -> str:
+        """Return the full URI or path of ``key``, for messages and logs."""
+        return f"{self.uri.rstrip('/')}/{key}"
+
+
+class LocalStore(Store):
+    """A folder on this machine."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"key {key!r} points outside the output folder {self.root}")
+        return path
+
+    def check_ready(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(
+                f"cannot create the output folder {self.root}: {error}. "
+                "Choose a writable folder with -p output_uri or MUSICGEN_OUTPUT_URI"
+            ) from error
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(
+                f"the output folder {self.root} is not writable. "
+                "Fix its permissions or choose another folder"
+            )
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _write_atomically(self, key: str, write) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary file lives in the target's folder, so the rename stays on one
+        # file system and is atomic.
+        fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            # mkstemp creates the file as 0600; give it the mode a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp_name, 0o666 & ~umask)
+            os.replace(temp_name, target)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, local_path: str | Path, key: str, content_type: str) -> None:
+        def copy(handle):
+            with open(local_path, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    handle.write(chunk)
+
+        self._write_atomically(key, copy)
+
+    def put_bytes(self, data: bytes, key: str, content_type: str) -> None:
+        self._write_atomically(key, lambda handle: handle.write(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        Path(local_path).write_bytes(self.get_bytes(key))
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        keys = []
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.name.startswith(_TEMP_PREFIX):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Store(Store):
+    """A prefix in an S3 bucket, or in any S3-compatible server."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None):
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = client if client is not None else make_s3_client()
+        self.uri = f"s3://{bucket}/{prefix}"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def _error(self, error, action: str, key: str | None) -> StorageError:
+        """Turn a botocore ClientError into a StorageError with the likely fix."""
+        code = str(error.response.get("Error", {}).get("Code", "Unknown"))
+        where = f"s3://{self.bucket}/{self._key(key)}" if key is not None else f"s3://{self.bucket}"
+        if code in ("403", "AccessDenied", "Forbidden", "AllAccessDisabled"):
+            return StoragePermissionError(
+                f"{action} {where} failed: access denied (403). S3 returns 403 instead of 404 "
+                f"for a missing key when the caller lacks s3:ListBucket, so grant s3:ListBucket, "
+                f"s3:GetObject and s3:PutObject on bucket {self.bucket!r} to this role or user"
+            )
+        if code in ("NoSuchBucket",):
+            return StorageError(
+                f"{action} {where} failed: bucket {self.bucket!r} does not exist. "
+                "Create it or fix MUSICGEN_OUTPUT_URI"
+            )
+        return StorageError(f"{action} {where} failed: {code}: {error}")
+
+    def check_ready(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(
+                    f"bucket {self.bucket!r} does not exist (or is in another account). "
+                    "Create it or fix MUSICGEN_OUTPUT_URI"
+                ) from error
+            raise self._error(error, "checking bucket", None) from error
+        except BotoCoreError as error:
+            raise StorageError(f"cannot reach bucket {self.bucket!r}: {error}") from error
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("404", "NoSuchKey", "NotFound") or (
+                status == 404 and code != "NoSuchBucket"
+            ):
+                return False
+            raise self._error(error, "checking", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"checking {self.location_of(key)} failed: {error}") from error
+        return True
+
+    def _verify_size(self, key: str, expected: int) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            raise self._error(error, "verifying upload of", key) from error
+        stored = head.get("ContentLength")
+        if stored != expected:
+            raise StorageError(
+                f"upload of {self.location_of(key)} is incomplete: stored {stored} bytes, "
+                f"expected {expected}. Run again to upload it once more"
+            )
+
+    def put_file(self, local_path: str | Path, key: str, content_type: str) -> None:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        size = Path(local_path).stat().st_size
+        try:
+            # upload_file switches to a multipart upload for large files on its own.
+            self.client.upload_file(
+                str(local_path),
+                self.bucket,
+                self._key(key),
+                ExtraArgs={"ContentType": content_type},
+            )
+        except S3UploadFailedError as error:
+            # boto3 raises this while handling the ClientError, which it keeps as context.
+            if isinstance(error.__context__, ClientError):
+                raise self._error(error.__context__, "uploading", key) from error
+            raise StorageError(f"uploading {self.location_of(key)} failed: {error}") from error
+        except ClientError as error:
+            raise self._error(error, "uploading", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"uploading {self.location_of(key)} failed: {error}") from error
+        self._verify_size(key, size)
+
+    def put_bytes(self, data: bytes, key: str, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+            )
+        except ClientError as error:
+            raise self._error(error, "writing", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"writing {self.location_of(key)} failed: {error}") from error
+        self._verify_size(key, len(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read()
+        except ClientError as error:
+            raise self._error(error, "reading", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"reading {self.location_of(key)} failed: {error}") from error
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        Path(local_path).write_bytes(self.get_bytes(key))
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                for item in page.get("Contents", []):
+                    keys.append(item["Key"][len(self.prefix) :])
+        except ClientError as error:
+            raise self._error(error, "listing", prefix) from error
+        except BotoCoreError as error:
+            raise StorageError(f"listing {self.location_of(prefix)} failed: {error}") from error
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            raise self._error(error, "deleting", key) from error
+
+
+def make_s3_client(region: str | None = None, session=None):
+    """Create an S3 client with botocore's standard retry mode.
+
+    The boto3 session reads credentials, profiles and ``AWS_ENDPOINT_URL`` (for
+    S3-compatible servers) from its usual sources; nothing here overrides them.
+    """
+    import boto3
+    from botocore.config import Config
+
+    session = session if session is not None else boto3.session.Session()
+    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
+    return session.client("s3", region_name=region or session.region_name, config=config)
+
+
+def open_store(uri: str, s3_client=None, region: str | None = None) -> Store:
+    """Open the output location named by a folder path or an ``s3://bucket/prefix`` URI."""
+    scheme, location, prefix = parse_output_uri(uri)
+    if scheme == "s3":
+        client = s3_client if s3_client is not None else make_s3_client(region)
+        return S3Store(location, prefix, client)
+    return LocalStore(location)

@@ -1,0 +1,408 @@
+"""The batch worker: turn a job file into stored songs, records and a cost report.
+
+The main flow, :func:`run_batch`, reads as its steps: plan (parse the job file and check
+which songs exist, before any model is loaded), load the model if anything is left,
+generate and store each song, rebuild the reports, and summarize.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from mgutil import costs
+from mgutil.config import Settings, load_settings, resolve_project_path
+from mgutil.errors import StoragePermissionError
+from mgutil.generation import LoadedModel, generate_song, load_model, validate_settings, write_wav
+from mgutil.jobs import GenerationSettings, Job, JobFile, read_job_file
+from mgutil.storage import WAV_CONTENT_TYPE, Store, open_store
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS_PATH = "prompts.txt"
+
+
+def new_run_id() -> str:
+    """Return a sortable, unique run id such as ``20261204T201500Z-3fa2``."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class BatchPlan:
+    """Everything a run needs, resolved from parameters, the environment and ``.env``.
+
+    Attributes:
+        prompts_path: Absolute path of the job file.
+        output_uri: Output folder or ``s3://`` URI as given.
+        model_id: Hub id or folder of the checkpoint.
+        hourly_cost_usd: Rate for cost estimates, USD per hour.
+        generation: Window, context and sampling settings.
+        run_id: Id of this run, stored in every record.
+        max_jobs: Most songs to generate in this run, or ``None`` for all.
+        job_file: Parsed job file, with any invalid lines.
+        store: The output location.
+    """
+
+    prompts_path: Path
+    output_uri: str
+    model_id: str
+    hourly_cost_usd: float
+    generation: GenerationSettings
+    run_id: str
+    max_jobs: int | None
+    job_file: JobFile
+    store: Store
+    settings: Settings
+
+    def parameters(self) -> dict:
+        """Return the effective parameters, for display and provenance."""
+        return {
+            "prompts_path": str(self.prompts_path),
+            "output_uri": self.store.uri,
+            "model_id": self.model_id,
+            "hourly_cost_usd": self.hourly_cost_usd,
+            **self.generation.to_dict(),
+            "max_jobs": self.max_jobs,
+            "run_id": self.run_id,
+            "songs": len(self.job_file.jobs),
+            "invalid_lines": len(self.job_file.errors),
+            "requested_audio_s": self.job_file.total_duration_s,
+        }
+
+
+@dataclass
+class BatchSummary:
+    """What a run did. Costs are estimates in USD for this run's generation time."""
+
+    run_id: str
+    generated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    estimated_cost_usd: float = 0.0
+    report: pd.DataFrame | None = None
+    failures: pd.DataFrame | None = None
+
+    def line(self) -> str:
+        return (
+            f"generated {len(self.generated)}, skipped {len(self.skipped)}, "
+            f"failed {len(self.failed)}, estimated cost ${self.estimated_cost_usd:.4f}"
+        )
+
+
+def prepare_batch(
+    prompts_path: str | Path | None = None,
+    output_uri: str | None = None,
+    model_id: str | None = None,
+    hourly_cost_usd: float | None = None,
+    window_s: float | None = None,
+    context_s: float | None = None,
+    guidance_scale: float | None = None,
+    top_k: int | None = None,
+    skip_invalid_lines: bool = False,
+    max_jobs: int | None = None,
+    run_id: str | None = None,
+    settings: Settings | None = None,
+    s3_client=None,
+) -> BatchPlan:
+    """Resolve parameters against the configuration and parse the job file.
+
+    A parameter left as ``None`` takes the configured value (environment, then ``.env``,
+    then the default). Every invalid line is reported at once, before any model loads.
+
+    Raises:
+        ConfigError: A setting is invalid.
+        JobFileError: The job file has invalid lines and ``skip_invalid_lines`` is false.
+        ValueError: A generation parameter is invalid.
+    """
+    settings = settings if settings is not None else load_settings()
+    settings = settings.with_overrides(
+        output_uri=output_uri, model_id=model_id, hourly_cost_usd=hourly_cost_usd
+    )
+    defaults = GenerationSettings()
+    generation = GenerationSettings(
+        window_s=float(window_s) if window_s is not None else defaults.window_s,
+        context_s=float(context_s) if context_s is not None else defaults.context_s,
+        guidance_scale=float(guidance_scale)
+        if guidance_scale is not None
+        else defaults.guidance_scale,
+        top_k=int(top_k) if top_k is not None else defaults.top_k,
+    )
+    if max_jobs is not None and (not isinstance(max_jobs, int) or max_jobs < 0):
+        raise ValueError(f"max_jobs={max_jobs!r} is invalid: expected a whole number >= 0 or None")
+
+    prompts = resolve_project_path(prompts_path or DEFAULT_PROMPTS_PATH)
+    job_file = read_job_file(
+        prompts,
+        model_id=settings.model_id,
+        settings=generation,
+        max_duration_s=settings.max_duration_s,
+    )
+    if job_file.errors:
+        if not skip_invalid_lines:
+            job_file.raise_for_errors()
+        for error in job_file.errors:
+            logger.warning("skipping invalid line of %s: %s", prompts, error)
+
+    return BatchPlan(
+        prompts_path=prompts,
+        output_uri=settings.output_uri,
+        model_id=settings.model_id,
+        hourly_cost_usd=settings.hourly_cost_usd,
+        generation=generation,
+        run_id=run_id or new_run_id(),
+        max_jobs=max_jobs,
+        job_file=job_file,
+        store=open_store(settings.output_uri, s3_client=s3_client, region=settings.region),
+        settings=settings,
+    )
+
+
+def find_pending(plan: BatchPlan) -> tuple[list[Job], list[Job]]:
+    """Split the jobs into ``(pending, existing)`` by checking the output location.
+
+    Raises:
+        StorageError: The location is unreachable; StoragePermissionError for a 403.
+    """
+    plan.store.check_ready()
+    pending, existing = [], []
+    for job in plan.job_file.jobs:
+        (existing if plan.store.exists(job.output_name) else pending).append(job)
+    return pending, existing
+
+
+def _device_name(loaded: LoadedModel) -> str:
+    if loaded.device.startswith("cuda"):
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return loaded.device
+
+
+def _free_accelerator_memory(loaded: LoadedModel) -> None:
+    if loaded.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _make_record(plan: BatchPlan, job: Job, loaded: LoadedModel, **values) -> costs.SongRecord:
+    generation_time_s = values.pop("generation_time_s")
+    return costs.SongRecord(
+        output_key=job.output_name,
+        prompt=job.prompt,
+        requested_duration_s=job.duration_s,
+        generation_time_s=round(generation_time_s, 3),
+        estimated_cost_usd=costs.estimate_cost_usd(generation_time_s, plan.hourly_cost_usd),
+        hourly_cost_usd=plan.hourly_cost_usd,
+        model_id=plan.model_id,
+        device=_device_name(loaded),
+        run_id=plan.run_id,
+        job_hash=job.job_hash,
+        seed=job.seed,
+        line_number=job.line_number,
+        sampling_rate=loaded.sampling_rate,
+        channels=loaded.audio_channels,
+        settings=plan.generation.to_dict(),
+        hostname=socket.gethostname(),
+        **values,
+    )
+
+
+def generate_and_store(
+    plan: BatchPlan, job: Job, loaded: LoadedModel, scratch: Path, on_window=None
+) -> costs.SongRecord:
+    """Generate one song, store it, then store its record.
+
+    The clock covers generation and storage, since the instance bills through both.
+    The temporary WAV is removed whether or not storing succeeds.
+    """
+    started_at = _utc_now()
+    started = time.perf_counter()
+    windows: list[int] = []
+
+    def count_window(window, total):
+        windows.append(total)
+        if on_window is not None:
+            on_window(window, total)
+
+    audio = generate_song(
+        loaded, job.prompt, job.duration_s, plan.generation, job.seed, on_window=count_window
+    )
+    temp_path = scratch / job.output_name
+    try:
+        write_wav(temp_path, audio, loaded.sampling_rate)
+        plan.store.put_file(temp_path, job.output_name, WAV_CONTENT_TYPE)
+    finally:
+        temp_path.unlink(missing_ok=True)
+    generation_time_s = time.perf_counter() - started
+
+    record = _make_record(
+        plan,
+        job,
+        loaded,
+        actual_duration_s=audio.shape[-1] / loaded.sampling_rate,
+        generation_time_s=generation_time_s,
+        started_at=started_at,
+        finished_at=_utc_now(),
+        status=costs.STATUS_DONE,
+        windows=windows[-1] if windows else 0,
+    )
+    costs.write_record(plan.store, record)
+    return record
+
+
+def _progress_bar(total: int, description: str, enabled: bool, leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="song", disable=not enabled, leave=leave)
+
+
+def run_batch(
+    plan: BatchPlan,
+    loaded: LoadedModel | None = None,
+    progress: bool = True,
+    model_loader: Callable[[str], LoadedModel] = load_model,
+) -> BatchSummary:
+    """Generate every missing song of the plan, in job file order.
+
+    Args:
+        plan: The prepared batch.
+        loaded: An already loaded model; when ``None`` the model is loaded only if at
+            least one song is missing.
+        progress: Show tqdm progress bars over songs and windows.
+        model_loader: Function that loads ``plan.model_id``.
+
+    Returns:
+        The summary; its ``line()`` is also logged.
+
+    Raises:
+        StorageError: The output location is unreachable or denies access. Songs already
+            stored stay stored, and the reports are rebuilt before raising when possible.
+    """
+    summary = BatchSummary(run_id=plan.run_id)
+    logger.info("run %s: %d song(s) in %s", plan.run_id, len(plan.job_file.jobs), plan.prompts_path)
+
+    pending, existing = find_pending(plan)
+    for job in existing:
+        logger.info("skip %s: already stored", job.output_name)
+        summary.skipped.append(job.output_name)
+    if plan.max_jobs is not None and len(pending) > plan.max_jobs:
+        logger.info(
+            "max_jobs=%d: leaving %d song(s) for a later run",
+            plan.max_jobs,
+            len(pending) - plan.max_jobs,
+        )
+        pending = pending[: plan.max_jobs]
+
+    try:
+        if pending:
+            if loaded is None:
+                loaded = model_loader(plan.model_id)
+            validate_settings(loaded, plan.generation)
+            _generate_pending(plan, pending, loaded, summary, progress)
+    except BaseException:
+        # Keep the report in step with the songs stored before the failure.
+        try:
+            costs.rebuild_reports(plan.store)
+        except Exception:
+            logger.exception("could not rebuild the reports after the run failed")
+        raise
+    summary.report, summary.failures = costs.rebuild_reports(plan.store)
+
+    logger.info("run %s: %s", plan.run_id, summary.line())
+    return summary
+
+
+def _generate_pending(
+    plan: BatchPlan, pending: list[Job], loaded: LoadedModel, summary: BatchSummary, progress: bool
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="musicgen-batch-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        songs_bar = _progress_bar(len(pending), "songs", progress)
+        for job in pending:
+            # Another worker, or an earlier attempt, may have stored it since planning.
+            if plan.store.exists(job.output_name):
+                logger.info("skip %s: stored since the run started", job.output_name)
+                summary.skipped.append(job.output_name)
+                songs_bar.update(1)
+                continue
+
+            logger.info(
+                "start %s (%.1f s, line %d)", job.output_name, job.duration_s, job.line_number
+            )
+            windows_bar = None
+
+            def on_window(window, total, job=job):
+                nonlocal windows_bar
+                if windows_bar is None:
+                    windows_bar = _progress_bar(
+                        total, job.file_stem, progress and total > 1, leave=False
+                    )
+                    windows_bar.unit = "window"
+                windows_bar.update(1)
+
+            started_at = _utc_now()
+            started = time.perf_counter()
+            try:
+                record = generate_and_store(plan, job, loaded, scratch, on_window)
+            except StoragePermissionError:
+                raise
+            except Exception as error:  # one bad job must not end the batch
+                elapsed = time.perf_counter() - started
+                logger.exception("failed %s after %.1f s", job.output_name, elapsed)
+                _free_accelerator_memory(loaded)
+                _record_failure(plan, job, loaded, error, elapsed, started_at)
+                summary.failed.append(job.output_name)
+                summary.estimated_cost_usd += costs.estimate_cost_usd(elapsed, plan.hourly_cost_usd)
+            else:
+                logger.info(
+                    "stored %s in %.1f s, estimated $%.4f",
+                    plan.store.location_of(job.output_name),
+                    record.generation_time_s,
+                    record.estimated_cost_usd,
+                )
+                summary.generated.append(job.output_name)
+                summary.estimated_cost_usd += record.estimated_cost_usd
+            finally:
+                if windows_bar is not None:
+                    windows_bar.close()
+            songs_bar.update(1)
+        songs_bar.close()
+
+
+def _record_failure(
+    plan: BatchPlan,
+    job: Job,
+    loaded: LoadedModel,
+    error: Exception,
+    elapsed: float,
+    started_at: str,
+) -> None:
+    record = _make_record(
+        plan,
+        job,
+        loaded,
+        actual_duration_s=None,
+        generation_time_s=elapsed,
+        started_at=started_at,
+        finished_at=_utc_now(),
+        status=costs.STATUS_FAILED,
+        error=f"{type(error).__name__}: {error}",
+    )
+    try:
+        costs.write_record(plan.store, record)
+    except Exception:  # the failure is already logged; losing its record must not stop the run
+        logger.exception("could not store the failure record of %s", job.output_name)
