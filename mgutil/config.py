@@ -133,13 +133,15 @@ def read_environment(
 
     Only the variables that mgutil knows are returned, and empty values count as unset.
     """
-    env_path = Path(env_file) if env_file is not None else DEFAULT_ENV_FILE
+    environ = os.environ if environ is None else environ
+    if env_file is None:
+        env_file = environ.get("MUSICGEN_ENV_FILE") or DEFAULT_ENV_FILE
+    env_path = Path(env_file)
     merged: dict[str, str] = {}
     if env_path.is_file():
         for name, value in dotenv_values(env_path).items():
             if name in _VARIABLES and value not in (None, ""):
                 merged[name] = value
-    environ = os.environ if environ is None else environ
     for name in _VARIABLES:
         value = environ.get(name)
         if value not in (None, ""):
@@ -153,8 +155,8 @@ def load_settings(
     """Read, parse and validate every setting.
 
     Args:
-        env_file: The ``.env`` file to read; defaults to ``.env`` at the project root. A
-            missing file is not an error.
+        env_file: The ``.env`` file to read; defaults to ``MUSICGEN_ENV_FILE`` when set,
+            else ``.env`` at the project root. A missing file is not an error.
         environ: The environment to read; defaults to ``os.environ``.
 
     Raises:
