@@ -181,10 +181,10 @@ def load_settings(
     if "hourly_cost_usd" not in values and "max_spot_price_usd" in values:
         values["hourly_cost_usd"] = values["max_spot_price_usd"]
 
-    if problems:
-        raise ConfigError(_format_problems(problems))
     settings = Settings(**values)
-    problems = _validate(settings)
+    # Report parse errors and validation errors together; a variable that failed to
+    # parse kept its default, so it adds no second message here.
+    problems += _validate(settings)
     if problems:
         raise ConfigError(_format_problems(problems))
     return settings

@@ -144,6 +144,14 @@ def build_tiny_model(stereo: bool = False, seed: int = 0):
 
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(config)
+    # transformers initialises EnCodec's codebooks to zeros, which would decode every
+    # code to the same audio. Random codebooks make the audio depend on the codes, as in
+    # a trained checkpoint, so seeds and continuations are observable in tests.
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_(std=0.05)
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
+            layer.codebook.cluster_size.fill_(1.0)
     model.eval()
     # The same sampling defaults as the hub checkpoints' generation_config.json.
     model.generation_config = GenerationConfig(
