@@ -24,6 +24,8 @@ RECORDS_PREFIX = "records/"
 FAILED_RECORDS_PREFIX = "records/failed/"
 COST_REPORT_KEY = "cost_report.csv"
 FAILURES_KEY = "failures.csv"
+# One summary per run, runs/<run_id>/run.json: start, end, instance facts and counts.
+RUNS_PREFIX = "runs/"
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
@@ -83,6 +85,14 @@ class SongRecord:
     windows: int | None = None
     settings: dict = field(default_factory=dict)
     hostname: str = ""
+    # Added for the cost analysis; None in records written before, and off EC2 for the
+    # instance facts (read from the instance metadata service by mgutil.instance).
+    instance_id: str | None = None
+    instance_type: str | None = None
+    availability_zone: str | None = None
+    region: str | None = None
+    model_load_time_s: float | None = None  # seconds this run spent loading the model
+    run_started_at: str | None = None  # ISO 8601 UTC start of the run that made the record
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False).encode("utf-8")
@@ -104,6 +114,19 @@ def write_record(store: Store, record: SongRecord) -> str:
     """Store a record and return its key."""
     key = record_key(record)
     store.put_bytes(record.to_json(), key, "application/json")
+    return key
+
+
+def run_summary_key(run_id: str) -> str:
+    """Return the key of a run's summary."""
+    return f"{RUNS_PREFIX}{run_id}/run.json"
+
+
+def write_run_summary(store: Store, summary: dict) -> str:
+    """Store a run summary (a JSON object with at least ``run_id``) and return its key."""
+    key = run_summary_key(summary["run_id"])
+    data = json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8")
+    store.put_bytes(data, key, "application/json")
     return key
 
 
@@ -157,6 +180,29 @@ def _csv_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     return buffer.getvalue().encode("utf-8")
+
+
+def write_reports(
+    store: Store, report: pd.DataFrame, failures: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write tables with extra columns (such as the cost analysis) as the two reports.
+
+    The report and failure columns stay first, in their usual order, so readers of
+    ``cost_report.csv`` find the same columns where they expect them.
+
+    Returns:
+        The two tables as written.
+    """
+    tables = []
+    for frame, first in ((report, REPORT_COLUMNS), (failures, FAILURE_COLUMNS)):
+        frame = frame.rename(columns={"output_key": "s3_filename"})
+        for column in first:
+            if column not in frame:
+                frame[column] = pd.Series(dtype=object)
+        tables.append(frame[first + [column for column in frame.columns if column not in first]])
+    store.put_bytes(_csv_bytes(tables[0]), COST_REPORT_KEY, "text/csv")
+    store.put_bytes(_csv_bytes(tables[1]), FAILURES_KEY, "text/csv")
+    return tables[0], tables[1]
 
 
 def rebuild_reports(store: Store) -> tuple[pd.DataFrame, pd.DataFrame]:

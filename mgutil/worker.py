@@ -23,6 +23,7 @@ from mgutil import costs
 from mgutil.config import Settings, load_settings, resolve_project_path
 from mgutil.errors import StoragePermissionError
 from mgutil.generation import LoadedModel, generate_song, load_model, validate_settings, write_wav
+from mgutil.instance import InstanceFacts, instance_facts_from_environment
 from mgutil.jobs import GenerationSettings, Job, JobFile, read_job_file
 from mgutil.storage import WAV_CONTENT_TYPE, Store, open_store
 
@@ -54,6 +55,10 @@ class BatchPlan:
         max_jobs: Most songs to generate in this run, or ``None`` for all.
         job_file: Parsed job file, with any invalid lines.
         store: The output location.
+        run_started_at: ISO 8601 UTC start of the run, set by :func:`run_batch`.
+        instance: EC2 instance facts, read by :func:`run_batch`; empty off EC2.
+        model_load_time_s: Seconds this run spent loading the model, set by
+            :func:`run_batch`; 0 when it was handed a loaded model.
     """
 
     prompts_path: Path
@@ -66,6 +71,10 @@ class BatchPlan:
     job_file: JobFile
     store: Store
     settings: Settings
+    # Filled in by run_batch, for the records and the run summary the cost analysis reads.
+    run_started_at: str | None = None
+    instance: InstanceFacts = field(default_factory=InstanceFacts)
+    model_load_time_s: float | None = None
 
     def parameters(self) -> dict:
         """Return the effective parameters, for display and provenance."""
@@ -217,8 +226,40 @@ def _make_record(plan: BatchPlan, job: Job, loaded: LoadedModel, **values) -> co
         channels=loaded.audio_channels,
         settings=plan.generation.to_dict(),
         hostname=socket.gethostname(),
+        # Provenance for the cost analysis: where and when the run happened.
+        **plan.instance.to_dict(),
+        model_load_time_s=plan.model_load_time_s,
+        run_started_at=plan.run_started_at,
         **values,
     )
+
+
+def _write_run_summary(plan: BatchPlan, summary: BatchSummary, status: str) -> None:
+    """Store ``runs/<run_id>/run.json``, so the cost analysis knows the run's span.
+
+    Written when the run starts (status ``running``) and again when it ends; a run cut
+    short, as by a spot interruption, keeps the first one. A failed write is logged only.
+    """
+    finished = status != "running"
+    data = {
+        "run_id": plan.run_id,
+        "status": status,
+        "started_at": plan.run_started_at,
+        "finished_at": _utc_now() if finished else None,
+        **plan.instance.to_dict(),
+        "hostname": socket.gethostname(),
+        "model_id": plan.model_id,
+        "hourly_cost_usd": plan.hourly_cost_usd,
+        "model_load_time_s": plan.model_load_time_s,
+        "generated": len(summary.generated),
+        "skipped": len(summary.skipped),
+        "failed": len(summary.failed),
+        "estimated_cost_usd": summary.estimated_cost_usd,
+    }
+    try:
+        costs.write_run_summary(plan.store, data)
+    except Exception:
+        logger.exception("could not store the summary of run %s", plan.run_id)
 
 
 def generate_and_store(
@@ -294,8 +335,13 @@ def run_batch(
     """
     summary = BatchSummary(run_id=plan.run_id)
     logger.info("run %s: %d song(s) in %s", plan.run_id, len(plan.job_file.jobs), plan.prompts_path)
+    # Run start and instance facts, read once, for every record of this run.
+    plan.run_started_at = _utc_now()
+    plan.instance = instance_facts_from_environment()
+    plan.model_load_time_s = 0.0
 
     pending, existing = find_pending(plan)
+    _write_run_summary(plan, summary, "running")
     for job in existing:
         logger.info("skip %s: already stored", job.output_name)
         summary.skipped.append(job.output_name)
@@ -311,6 +357,7 @@ def run_batch(
         if pending:
             if loaded is None:
                 loaded = model_loader(plan.model_id)
+                plan.model_load_time_s = round(loaded.load_time_s, 3)
             validate_settings(loaded, plan.generation)
             _generate_pending(plan, pending, loaded, summary, progress)
     except BaseException:
@@ -319,8 +366,10 @@ def run_batch(
             costs.rebuild_reports(plan.store)
         except Exception:
             logger.exception("could not rebuild the reports after the run failed")
+        _write_run_summary(plan, summary, "failed")
         raise
     summary.report, summary.failures = costs.rebuild_reports(plan.store)
+    _write_run_summary(plan, summary, "finished")
 
     logger.info("run %s: %s", plan.run_id, summary.line())
     return summary
