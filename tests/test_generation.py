@@ -69,7 +69,12 @@ def test_long_song_continues_with_context(tiny_model):
     windows = []
     with GenerateSpy(tiny_model.model) as spy:
         audio = generate_song(
-            tiny_model, "long ambient", 70.0, SETTINGS, seed=2, on_window=lambda w, n: windows.append(w)
+            tiny_model,
+            "long ambient",
+            70.0,
+            SETTINGS,
+            seed=2,
+            on_window=lambda w, n: windows.append(w),
         )
     assert audio.shape == (1, 70 * 32_000)
     # 30 s, then two continuations of 20 s new audio after 10 s of context each.
