@@ -33,3 +33,12 @@ class StoragePermissionError(StorageError):
 
 class GenerationError(MusicGenBatchError):
     """Raised when the model fails to produce usable audio for one job."""
+
+
+class ReadinessError(MusicGenBatchError):
+    """Raised when one or more readiness checks failed; ``failures`` lists their rows."""
+
+    def __init__(self, failures):
+        self.failures = list(failures)
+        lines = "\n".join(f"  - {row.check}: {row.found}. Fix: {row.fix}" for row in self.failures)
+        super().__init__(f"{len(self.failures)} readiness check(s) failed:\n{lines}")
