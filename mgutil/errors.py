@@ -35,6 +35,30 @@ class GenerationError(MusicGenBatchError):
     """Raised when the model fails to produce usable audio for one job."""
 
 
+class LaunchError(MusicGenBatchError):
+    """Raised when a worker instance cannot be planned, requested or reached."""
+
+
+class SpotPriceTooLowError(LaunchError):
+    """Raised before any request when the maximum spot price is below every zone's price."""
+
+
+class QuotaError(LaunchError):
+    """Raised when an EC2 quota (spot instance count or vCPUs) blocks the request."""
+
+
+class SpotRequestError(LaunchError):
+    """Raised when a spot request ends without a running instance, or times out."""
+
+
+class WorkerRunningError(LaunchError):
+    """Raised when a worker is already pending or running and ``force`` is not set."""
+
+
+class BootstrapError(LaunchError):
+    """Raised when the rendered UserData is invalid: too large, no ``#!``, or a credential."""
+
+
 class ReadinessError(MusicGenBatchError):
     """Raised when one or more readiness checks failed; ``failures`` lists their rows."""
 
