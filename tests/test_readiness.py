@@ -1,5 +1,5 @@
-"""Tests of the AWS readiness check against the moto server and, where moto cannot
-answer, botocore's Stubber with the error shapes that AWS returns."""
+"""Tests of the AWS readiness check against the moto server and, for responses that moto
+cannot produce, botocore's Stubber with the error shapes that AWS returns."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ MOTO_ARM64_AMI = "ami-0e9271c829888680e"
 REPO_URL = "https://github.com/example/musicgen-batch.git"
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_readiness.ipynb"
 JOB_LINES = "calm piano ; 30 ; calm-piano\nupbeat synthwave ; 45\n"
-# The two rows that moto cannot answer: Service Quotas has no EC2 quotas and IAM has no
+# The two rows whose APIs moto does not implement: Service Quotas has no EC2 quotas and IAM has no
 # policy simulation there, so they warn instead of failing.
 MOTO_WARN_ROWS = {"Spot vCPU quota", "IAM instance profile"}
 
@@ -65,7 +65,7 @@ def pushed_repo(tmp_path_factory) -> Path:
     """A checkout whose HEAD is on origin/main, with origin set to an https URL.
 
     The push goes to a bare repository in the temporary folder; the URL is changed
-    afterwards, so the check sees a pushed commit without any network access.
+    afterwards, so the check finds a pushed commit without any network access.
     """
     base = tmp_path_factory.mktemp("repo")
     remote, checkout = base / "remote.git", base / "checkout"
@@ -121,7 +121,7 @@ def _client_error(stubber, method, code, status, message="denied"):
     )
 
 
-def test_healthy_setup_passes_every_check_that_moto_supports(healthy):
+def test_healthy_setup_passes_supported_checks(healthy):
     started = time.monotonic()
     results = run_readiness_checks(**healthy)
     elapsed = time.monotonic() - started
@@ -241,9 +241,7 @@ def _profile_without_role(tmp_path, monkeypatch):
         ),
     ],
 )
-def test_each_problem_gives_one_fail_row_with_its_fix(
-    healthy, monkeypatch, tmp_path, setup, check, found, fix
-):
+def test_problem_gives_fail_row_with_fix(healthy, monkeypatch, tmp_path, setup, check, found, fix):
     if callable(setup):
         setup(tmp_path, monkeypatch)
     else:
@@ -290,7 +288,7 @@ def test_ami_resolved_from_ssm_parameter(healthy, monkeypatch):
     assert "from SSM parameter /musicgen/worker-ami" in row.found
 
 
-def test_missing_credentials_fail_once_and_skip_the_aws_checks(healthy, monkeypatch):
+def test_missing_credentials_skip_aws_checks(healthy, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     results = run_readiness_checks(**healthy)
@@ -332,7 +330,7 @@ def test_bucket_without_public_access_block_warns(healthy):
     assert "put-public-access-block --bucket musicgen-readiness" in row.fix
 
 
-def test_unexpected_error_becomes_a_fail_row_not_a_crash(healthy):
+def test_unexpected_error_becomes_fail_row(healthy):
     # A client without the expected methods stands for any bug or SDK change.
     results = run_readiness_checks(clients={"iam": object()}, **healthy)
     row = _by_check(results)["IAM instance profile"]
@@ -535,6 +533,7 @@ def test_source_unpushed_commit_fails(pushed_repo, tmp_path):
         ("git@github.com:example/musicgen-batch.git", None, WARN, "is an SSH URL"),
         ("https://github.com", None, FAIL, "has no owner/repository path"),
         ("ftp://example.com/a/b", None, FAIL, "is not an https:// URL"),
+        ("http://github.com/example/musicgen-batch.git", None, FAIL, "is not an https:// URL"),
         (None, "0" * 40, FAIL, f"commit '{'0' * 40}' does not exist"),
         (
             "https://github.com/other/fork.git",
@@ -548,6 +547,16 @@ def test_source_url_and_commit(pushed_repo, repo_url, repo_commit, status, found
     row = check_source(Settings(repo_url=repo_url, repo_commit=repo_commit), pushed_repo)
     assert row.status == status
     assert found in row.found
+
+
+def test_source_https_url_matches_ssh_origin(pushed_repo, tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["cp", "-a", str(pushed_repo), str(clone)], check=True)
+    _git(clone, "remote", "set-url", "origin", "git@github.com:example/musicgen-batch.git")
+    assert check_source(Settings(), clone).status == WARN
+    row = check_source(Settings(repo_url=REPO_URL), clone)
+    assert row.status == PASS
+    assert row.found.endswith(", on origin/main")
 
 
 def test_source_without_origin_fails(tmp_path):
@@ -589,7 +598,7 @@ def test_table_and_summary():
         raise_for_failures(rows)
 
 
-def test_notebook_is_committed_without_outputs_and_with_one_parameters_cell():
+def test_notebook_committed_without_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     tagged = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1
@@ -640,7 +649,7 @@ def test_papermill_healthy_run_succeeds(healthy, tmp_path):
     assert "ready to launch (2 warnings)" in text
 
 
-def test_papermill_fails_with_the_table_when_the_bucket_is_missing(healthy, monkeypatch, tmp_path):
+def test_papermill_missing_bucket_fails_after_table(healthy, monkeypatch, tmp_path):
     monkeypatch.setenv("MUSICGEN_OUTPUT_URI", "s3://no-such-bucket/songs")
     output = tmp_path / "out.ipynb"
     arguments = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(output)]

@@ -902,7 +902,7 @@ def _url_problem(url: str) -> tuple[str, str] | None:
             "is an SSH URL: the instance has no SSH key, so the clone fails for a private repository",
         )
     parsed = urlparse(url)
-    if parsed.scheme not in ("https", "http") or not parsed.netloc:
+    if parsed.scheme != "https" or not parsed.netloc:
         return FAIL, "is not an https:// URL the instance can reach"
     if len([part for part in parsed.path.split("/") if part]) < 2:
         return FAIL, "has no owner/repository path"
@@ -913,7 +913,19 @@ def _url_problem(url: str) -> tuple[str, str] | None:
 
 
 def _normalize_url(url: str) -> str:
-    return url.strip().removesuffix("/").removesuffix(".git").lower()
+    """Return ``host/owner/repo`` for https, ssh:// and ``git@host:owner/repo`` URLs.
+
+    An ``origin`` cloned over SSH and a REPO_URL over https name the same repository.
+    """
+    url = url.strip()
+    scp = re.match(r"^[\w.-]+@([\w.-]+):(.*)$", url)
+    if scp and "://" not in url:
+        host, path = scp.groups()
+    else:
+        parsed = urlparse(url)
+        host, path = parsed.hostname or "", parsed.path
+    path = path.strip("/").removesuffix(".git")
+    return f"{host}/{path}".lower()
 
 
 def check_source(settings: Settings, root: str | Path = PROJECT_ROOT) -> CheckResult:
