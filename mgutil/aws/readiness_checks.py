@@ -35,6 +35,8 @@ FAIL = "fail"
 
 # Service Quotas codes of the spot vCPU quotas, by instance family. EC2 counts spot
 # capacity in vCPUs per family group, and new accounts often start at 0 for G and P.
+# NOTE: only L-3819A6DF was checked against AWS documentation for this project; the P and
+# Standard codes come from the Service Quotas console and may need confirming.
 SPOT_QUOTA_CODES = {
     "g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
     "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
@@ -198,7 +200,7 @@ def _dry_run_calls(ec2, settings: Settings, image_id: str | None) -> list[tuple[
         (
             "ec2:DescribeSpotPriceHistory",
             lambda: ec2.describe_spot_price_history(
-                InstanceTypes=[settings.instance_type], MaxResults=1, DryRun=True
+                InstanceTypes=[settings.instance_type], DryRun=True
             ),
         ),
         (
