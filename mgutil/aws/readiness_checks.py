@@ -35,8 +35,8 @@ FAIL = "fail"
 
 # Service Quotas codes of the spot vCPU quotas, by instance family. EC2 counts spot
 # capacity in vCPUs per family group, and new accounts often start at 0 for G and P.
-# NOTE: only L-3819A6DF was checked against AWS documentation for this project; the P and
-# Standard codes come from the Service Quotas console and may need confirming.
+# NOTE: the P (L-7212CCBC) and Standard (L-34B43A08) codes were not confirmed against a
+# live account; a wrong code gives a warn row, never a false pass.
 SPOT_QUOTA_CODES = {
     "g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
     "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
