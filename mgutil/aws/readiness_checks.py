@@ -36,7 +36,7 @@ FAIL = "fail"
 # Service Quotas codes of the spot vCPU quotas, by instance family. EC2 counts spot
 # capacity in vCPUs per family group, and new accounts often start at 0 for G and P.
 # NOTE: the P (L-7212CCBC) and Standard (L-34B43A08) codes were not confirmed against a
-# live account; a wrong code gives a warn row, never a false pass.
+# live account; a code that does not exist gives a warn row.
 SPOT_QUOTA_CODES = {
     "g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
     "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
