@@ -43,8 +43,16 @@ MINIMUM_BILLED_S = 60.0
 # Spot prices are looked up from this long before the first song, so the price in
 # effect at its start is known even when it was set days earlier.
 PRICE_LOOKBACK = timedelta(days=7)
-# Differences below this (USD) are rounding, not a broken upper bound.
-COST_TOLERANCE_USD = 1e-9
+TOTALS_KEY = "reports/totals.csv"
+INSTANCES_KEY = "reports/instances.csv"
+# Relative difference that counts as rounding, not as a broken upper bound.
+COST_TOLERANCE = 1e-9
+
+
+def _within_bound(bound_usd: float, actual_usd: float) -> bool:
+    """Return whether ``actual_usd`` stays at or under ``bound_usd``, up to rounding."""
+    return actual_usd <= bound_usd * (1.0 + COST_TOLERANCE) + 1e-15
+
 
 SONG_COLUMNS = costs.REPORT_COLUMNS + [
     "actual_duration_s",
@@ -318,7 +326,7 @@ def add_actual_costs(songs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame
         peak = peak_price_usd(zone_history, song["started_at"], song["ended_at"])
         songs.at[index, "actual_cost_usd"] = actual
         songs.at[index, "peak_spot_price_usd"] = peak
-        ok = song["estimated_cost_usd"] + COST_TOLERANCE_USD >= actual
+        ok = _within_bound(song["estimated_cost_usd"], actual)
         songs.at[index, "upper_bound_ok"] = bool(ok)
         if not ok:
             songs.at[index, "flag"] = (
@@ -330,7 +338,8 @@ def add_actual_costs(songs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame
     return songs
 
 
-_TRANSITION_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) GMT\)")
+# EC2 writes "User initiated (2026-12-04 20:30:00 GMT)"; some tools write UTC.
+_TRANSITION_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)")
 
 
 def _describe_instance(ec2, instance_id: str) -> dict | None:
@@ -489,7 +498,7 @@ def instance_costs(
             if pd.notna(start)
         )
         overhead = actual - songs_usd
-        ok = row["upper_bound_usd"] + COST_TOLERANCE_USD >= actual
+        ok = _within_bound(row["upper_bound_usd"], actual)
         row.update(
             actual_cost_usd=actual,
             songs_cost_usd=songs_usd,
@@ -661,8 +670,14 @@ def styled_songs(songs: pd.DataFrame):
 def write_reports(store: Store, analysis: CostAnalysis) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write ``cost_report.csv`` (stored songs) and ``failures.csv`` with the analysis columns.
 
-    The five report columns stay first. Returns the two tables as written.
+    The five report columns stay first. The totals go to ``reports/totals.csv`` and, with
+    EC2 facts, the instances to ``reports/instances.csv``. Returns the two tables as written.
     """
+    table = totals(analysis)
+    store.put_bytes(table.to_csv(index=False).encode("utf-8"), TOTALS_KEY, "text/csv")
+    if len(analysis.instances):
+        data = analysis.instances.to_csv(index=False).encode("utf-8")
+        store.put_bytes(data, INSTANCES_KEY, "text/csv")
     songs = analysis.songs
     if songs.empty:
         return costs.write_reports(
