@@ -60,7 +60,7 @@ def _settings_of(script: str) -> dict[str, str]:
     return dict(zip(names, values, strict=True))
 
 
-def test_rendered_script_passes_bash_n_and_shellcheck(tmp_path):
+def test_script_passes_shellcheck(tmp_path):
     script = render_user_data(replace(BASE, extra_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}))
     path = tmp_path / "user-data.sh"
     path.write_text(script)
@@ -73,7 +73,7 @@ def test_rendered_script_passes_bash_n_and_shellcheck(tmp_path):
     assert checked.returncode == 0, checked.stdout.decode()
 
 
-def test_every_setting_reaches_the_script_quoted():
+def test_settings_rendered_quoted():
     config = replace(
         BASE,
         repo_url="file:///srv/repo with space",
@@ -122,7 +122,7 @@ def test_every_setting_reaches_the_script_quoted():
     assert _settings_of(hard_cap)["HARD_CAP_COMMAND"] == "echo cap"
 
 
-def test_order_of_steps_in_the_template():
+def test_template_step_order():
     script = render_user_data(BASE)
     body = script.split("trap on_exit EXIT", 1)[1]
     steps = [
@@ -268,7 +268,7 @@ def _keys(drill):
     return {item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])}
 
 
-def test_bootstrap_runs_the_worker_and_uploads_its_files(drill):
+def test_run_uploads_files(drill):
     config, record = drill["config"], drill["record"]
     done = _run(config, drill["tmp"])
 
@@ -301,7 +301,7 @@ def test_bootstrap_runs_the_worker_and_uploads_its_files(drill):
     assert "finished: step done succeeded" in text
 
 
-def test_bootstrap_failure_writes_the_marker_and_still_shuts_down(drill):
+def test_failure_writes_marker(drill):
     done = _run(drill["config"], drill["tmp"], papermill_exit=3)
 
     assert done.returncode == 3
@@ -313,7 +313,7 @@ def test_bootstrap_failure_writes_the_marker_and_still_shuts_down(drill):
     assert (drill["record"] / "shutdown").exists()
 
 
-def test_bootstrap_clone_failure_keeps_the_marker_locally_and_respects_auto_shutdown_off(drill):
+def test_clone_failure_without_shutdown(drill):
     config = replace(drill["config"], repo_commit="f" * 40, auto_shutdown=False)
     done = _run(config, drill["tmp"])
 

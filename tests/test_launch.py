@@ -86,7 +86,7 @@ def _instances(ec2, states=("pending", "running")):
     return [i for r in found["Reservations"] for i in r["Instances"]]
 
 
-def test_launch_sends_the_spot_request_and_creates_one_tagged_worker(worker_env):
+def test_launch_request_and_tagged_worker(worker_env):
     ec2 = make_client("ec2")
     s3 = make_client("s3")
     plan = _plan(worker_env, ec2, root_volume_gb=100, max_runtime_minutes=90)
@@ -151,7 +151,7 @@ def test_launch_sends_the_spot_request_and_creates_one_tagged_worker(worker_env)
     assert list(workers.instances["run_id"]) == [plan.run_id]
 
 
-def test_dry_run_validates_and_creates_nothing(worker_env):
+def test_dry_run_creates_nothing(worker_env):
     ec2 = make_client("ec2")
     plan = _plan(worker_env, ec2)
     sent = _capture(ec2, "RunInstances")
@@ -168,7 +168,7 @@ def test_dry_run_validates_and_creates_nothing(worker_env):
     assert listed.get("KeyCount", 0) == 0
 
 
-def test_a_second_launch_while_one_runs_creates_nothing_unless_forced(worker_env):
+def test_second_launch_needs_force(worker_env):
     ec2 = make_client("ec2")
     first = _plan(worker_env, ec2, run_id="run-1")
     launcher.launch(first, ec2, poll_interval_s=0.01, timeout_s=5)
@@ -184,7 +184,7 @@ def test_a_second_launch_while_one_runs_creates_nothing_unless_forced(worker_env
     assert len(_instances(ec2)) == 2
 
 
-def test_a_maximum_below_every_zone_is_refused_before_any_call(worker_env):
+def test_low_max_price_rejected_early(worker_env):
     ec2 = make_client("ec2")
     plan = _plan(worker_env, ec2)
     # Prices above the maximum in every zone (moto's own history is far below it).
@@ -207,7 +207,7 @@ def test_a_maximum_below_every_zone_is_refused_before_any_call(worker_env):
     assert listed.get("KeyCount", 0) == 0
 
 
-def test_shutdown_leaves_no_tagged_instance_or_open_request(worker_env):
+def test_shutdown_leaves_nothing(worker_env):
     ec2 = make_client("ec2")
     launcher.launch(_plan(worker_env, ec2), ec2, poll_interval_s=0.01, timeout_s=5)
     # A tagged spot request made elsewhere (moto fulfils it with an untagged instance).
@@ -234,7 +234,7 @@ def test_shutdown_leaves_no_tagged_instance_or_open_request(worker_env):
     assert {i["State"]["Name"] for r in states for i in r["Instances"]} == {"terminated"}
 
 
-def test_find_workers_lists_stopped_and_ignores_terminated(worker_env):
+def test_find_workers_skips_terminated(worker_env):
     ec2 = make_client("ec2")
     ids = []
     for run in ("a", "b", "c"):
@@ -306,7 +306,7 @@ def _prices():
     return PriceSummary("g4dn.xlarge", 0.40, current)
 
 
-def test_wait_tolerates_not_found_then_reports_holding_codes_until_running():
+def test_wait_reports_holding_codes():
     ec2, stub = _stubbed_ec2()
     ids = {"SpotInstanceRequestIds": ["sir-123"]}
     stub.add_client_error(
@@ -354,7 +354,7 @@ def test_wait_tolerates_not_found_then_reports_holding_codes_until_running():
         (["not-found"] * 3, "still unknown to EC2"),
     ],
 )
-def test_wait_cancels_and_terminates_on_timeout_or_terminal_state(responses, reason):
+def test_wait_cancels_on_failure(responses, reason):
     ec2, stub = _stubbed_ec2()
     ids = {"SpotInstanceRequestIds": ["sir-123"]}
     for response in responses:
@@ -396,7 +396,7 @@ def test_wait_cancels_and_terminates_on_timeout_or_terminal_state(responses, rea
 
 
 @pytest.mark.parametrize("code", ["MaxSpotInstanceCountExceeded", "VcpuLimitExceeded"])
-def test_quota_errors_name_the_quota_and_vcpus_and_are_not_retried(worker_env, code):
+def test_quota_error_names_quota(worker_env, code):
     plan = _plan(worker_env, make_client("ec2"))
     ec2, stub = _stubbed_ec2()
     stub.add_client_error("run_instances", code, "quota reached")
@@ -469,9 +469,7 @@ def _outputs(notebook, kind):
     return found
 
 
-def test_notebook_dry_run_shows_prices_chart_and_estimate_and_creates_nothing(
-    worker_env, tmp_path, monkeypatch
-):
+def test_notebook_dry_run(worker_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     notebook = _papermill(tmp_path, "-p", "prompts_path", str(worker_env["prompts"]))
 
@@ -491,7 +489,7 @@ def test_notebook_dry_run_shows_prices_chart_and_estimate_and_creates_nothing(
     assert "nothing was created" in text
 
 
-def test_notebook_confirm_launches_one_worker_and_shutdown_leaves_none(worker_env, tmp_path):
+def test_notebook_confirm_and_shutdown(worker_env, tmp_path):
     prompts = ["-p", "prompts_path", str(worker_env["prompts"])]
     notebook = _papermill(tmp_path, *prompts, "-p", "confirm", "true")
 

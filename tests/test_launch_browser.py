@@ -29,7 +29,7 @@ CHROMIUM = "/usr/bin/chromium"
 TAG = "musicgen-batch-worker"
 
 
-def test_panel_button_stays_disabled_until_ticked_and_runs_the_action_once():
+def test_panel_button_needs_tick():
     calls = []
     panel = ConfirmPanel(
         "t", [("a", 1)], "bills", "I understand", "Launch", lambda: calls.append(1)
@@ -74,7 +74,7 @@ def _wait_for_server(url: str, deadline: float) -> None:
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
-def test_launch_button_in_jupyterlab_creates_the_request(aws, s3_bucket, monkeypatch, tmp_path):
+def test_jupyterlab_launch_click(aws, s3_bucket, monkeypatch, tmp_path):
     from playwright.sync_api import sync_playwright
 
     boto3.client("iam").create_instance_profile(InstanceProfileName="musicgen-worker")

@@ -66,7 +66,7 @@ def _stubbed_history():
     return ec2, stub
 
 
-def test_history_reads_every_page_and_latest_prices_compare_as_numbers():
+def test_history_pages_and_numeric_prices():
     ec2, stub = _stubbed_history()
     with stub:
         history = spot_price_history(ec2, "g4dn.xlarge", NOW - timedelta(days=30), NOW)
@@ -82,7 +82,7 @@ def test_history_reads_every_page_and_latest_prices_compare_as_numbers():
         summarize_prices(history, "g4dn.xlarge", 9.0).check_max_price()
 
 
-def test_price_chart_is_a_png_with_one_line_per_zone_and_the_maximum(tmp_path):
+def test_price_chart_png(tmp_path):
     ec2, stub = _stubbed_history()
     with stub:
         history = spot_price_history(ec2, "g4dn.xlarge", NOW - timedelta(days=30), NOW)
@@ -97,7 +97,7 @@ def test_price_chart_is_a_png_with_one_line_per_zone_and_the_maximum(tmp_path):
     assert list(zone_b.get_ydata()) == [0.2, 9.75, 9.75]
 
 
-def test_moto_history_gives_a_current_price_per_zone(aws):
+def test_moto_current_prices(aws):
     prices = current_spot_prices(make_client("ec2"), "g4dn.xlarge")
     assert len(prices) >= 2
     assert prices["price_usd"].dtype == float
@@ -112,7 +112,7 @@ def test_hourly_estimates():
     assert hourly_estimates(0.5, None)["at_current_price_usd"].isna().all()
 
 
-def test_job_estimate_uses_the_parameter_then_the_median_of_records(tmp_path):
+def test_job_estimate_ratio_source(tmp_path):
     store = LocalStore(tmp_path)
     estimate = estimate_job_file(100.0, 2, 0.36, 0.18, compute_s_per_audio_s=3.0,
                                  boot_allowance_s=600.0, store=store)  # fmt: skip
