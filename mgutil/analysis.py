@@ -8,7 +8,7 @@ Costs are USD, rates USD per hour, times seconds unless a name says otherwise.
 
 The *estimated* cost of a song is its generation time at the hourly rate of its record
 (``hourly_cost_usd``, by default the maximum spot price). The *actual* cost needs EC2:
-the spot price history of the instance's zone is a step function (each price holds from
+the spot price history of the instance's zone is a step function (each price applies from
 its timestamp until the next one), and a song costs the integral of that function over
 the seconds it took. The instance costs the integral over its whole life, billed per
 second with a 60 second minimum; what is not spent on songs is overhead (boot and
@@ -183,7 +183,7 @@ def song_table(records: pd.DataFrame) -> pd.DataFrame:
 def price_at(history: pd.DataFrame, moment: pd.Timestamp) -> float:
     """Return the price (USD per hour) in effect at ``moment``.
 
-    ``history`` holds one zone and instance type, oldest first. Before its first record
+    ``history`` contains one zone and instance type, oldest first. Before its first record
     the first price is assumed.
     """
     index = int(history["timestamp"].searchsorted(moment, side="right")) - 1
@@ -193,7 +193,7 @@ def price_at(history: pd.DataFrame, moment: pd.Timestamp) -> float:
 def price_integral_usd(history: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> float:
     """Return what an instance costs from ``start`` to ``end`` under a spot price history.
 
-    Each price holds from its timestamp until the next one, so the cost is the sum over
+    Each price applies from its timestamp until the next one, so the cost is the sum over
     the price segments inside ``[start, end]`` of price times seconds / 3600.
 
     Args:
@@ -530,7 +530,7 @@ def analyze(
     """Read the records of an output location and work out estimated and actual costs.
 
     Actual costs need instance facts in the records and EC2 access; without either the
-    analysis holds estimates only and ``notes`` says why. AWS errors never raise.
+    analysis contains estimates only and ``notes`` explains why. AWS errors never raise.
 
     Args:
         store: The output location.
@@ -758,7 +758,7 @@ def song_players(
     done = songs[songs["status"] == costs.STATUS_DONE].sort_values(
         "finished_at", ascending=False, kind="stable"
     )
-    shown = []
+    display_items = []
     for _, song in done.head(max_players).iterrows():
         actual = song.get("actual_cost_usd")
         cost = f"estimated ${song['estimated_cost_usd']:.6f}"
@@ -768,12 +768,12 @@ def song_players(
             f"<b>{html.escape(str(song['s3_filename']))}</b>: {html.escape(str(song['prompt']))}"
             f"<br>{song['actual_duration_s']:.1f} s of audio, {cost}"
         )
-        shown.append(HTML(caption))
+        display_items.append(HTML(caption))
         try:
             path = local_audio_path(store, song["s3_filename"], cache_dir)
-            shown.append(Image(data=waveform_png(path), format="png"))
-            shown.append(Audio(filename=str(path)))
+            display_items.append(Image(data=waveform_png(path), format="png"))
+            display_items.append(Audio(filename=str(path)))
         except Exception as error:  # one unreadable song must not hide the others
             logger.warning("cannot show %s: %s", song["s3_filename"], error)
-            shown.append(HTML(f"<i>cannot play it: {html.escape(str(error))}</i>"))
-    return shown
+            display_items.append(HTML(f"<i>cannot play it: {html.escape(str(error))}</i>"))
+    return display_items

@@ -1,7 +1,7 @@
 """Facts about the EC2 instance the worker runs on, from the instance metadata service.
 
 The worker reads the instance id, type, availability zone and region once at the start
-of a run, and only when the bootstrap script started it on EC2 and said so with
+of a run, and only when the bootstrap script started it on EC2 and set
 ``MUSICGEN_EC2_WORKER=1``. Anywhere else nothing is sent to the metadata address and the
 facts stay empty.
 

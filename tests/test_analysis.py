@@ -27,7 +27,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_cost_analysis
 # effect since 2006.
 MOTO_SPOT_PRICE_USD = 0.00001
 CHARTS = ["cost_per_song", "generation_time", "cumulative_cost", "spot_price"]
-JOBS = "soft piano ; 2 ; piano\nslow strings ; 1.5 ; strings\nbad upload ; 1 ; broken\n"
+JOBS = "soft piano ; 1 ; piano\nslow strings ; 0.5 ; strings\nbad upload ; 0.5 ; broken\n"
 
 
 class FailingUploadStore(LocalStore):

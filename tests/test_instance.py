@@ -86,7 +86,7 @@ def metadata_server():
         yield server
 
 
-def test_facts_read_with_token_when_started_by_bootstrap(metadata_server):
+def test_facts_read_under_bootstrap(metadata_server):
     facts = instance_facts_from_environment(
         {EC2_WORKER_VARIABLE: "1", ENDPOINT_VARIABLE: metadata_server.endpoint}
     )
