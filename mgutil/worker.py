@@ -52,7 +52,7 @@ class BatchPlan:
         hourly_cost_usd: Rate for cost estimates, USD per hour.
         generation: Window, context and sampling settings.
         run_id: Id of this run, stored in every record.
-        max_jobs: Most songs to generate in this run, or ``None`` for all.
+        max_jobs: Maximum number of songs to generate in this run, or ``None`` for all.
         job_file: Parsed job file, with any invalid lines.
         store: The output location.
         run_started_at: ISO 8601 UTC start of the run, set by :func:`run_batch`.
