@@ -755,8 +755,10 @@ def song_players(
     songs = analysis.songs
     if songs.empty or max_players <= 0:
         return []
+    # Songs finished within the same timestamp resolution keep job file order, reversed.
+    order = [column for column in ("finished_at", "line_number") if column in songs]
     done = songs[songs["status"] == costs.STATUS_DONE].sort_values(
-        "finished_at", ascending=False, kind="stable"
+        order, ascending=False, kind="stable"
     )
     display_items = []
     for _, song in done.head(max_players).iterrows():

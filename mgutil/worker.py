@@ -38,7 +38,8 @@ def new_run_id() -> str:
 
 
 def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    # Milliseconds, so songs finished within one second still sort in order.
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
