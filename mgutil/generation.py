@@ -11,6 +11,7 @@ unless a docstring says otherwise; soundfile takes ``(samples, channels)``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -192,6 +193,240 @@ def window_seed(seed: int, window_index: int) -> int:
     return (seed + 1_000_003 * window_index) % (2**32)
 
 
+class SeededSampler:
+    """Sample each song's next codes from its own random generator.
+
+    Hugging Face's sampling draws from the global RNG, so a song sampled next to others
+    would depend on its batch mates. This logits processor runs after classifier-free
+    guidance, applies temperature and top-k, draws one code per row with the generator of
+    the row's song, and returns scores that are ``-inf`` except at the drawn code, so
+    greedy search picks it. A song's codes then depend on its seed and inputs only.
+
+    Args:
+        seeds: One seed per song of the batch.
+        rows_per_song: Score rows per song, the decoder's codebook count (4 for mono
+            MusicGen, 8 for stereo); row ``r`` belongs to song ``r // rows_per_song``.
+        top_k: Codes kept per row before sampling.
+        temperature: Divides the scores before the softmax.
+    """
+
+    def __init__(self, seeds: list[int], rows_per_song: int, top_k: int, temperature: float):
+        import torch
+
+        self.rows_per_song = rows_per_song
+        self.top_k = top_k
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        """Return one-hot ``(songs * rows_per_song, vocab)`` scores: 0 at the drawn code."""
+        import torch
+
+        expected_rows = len(self.generators) * self.rows_per_song
+        if scores.shape[0] != expected_rows:
+            # Guidance must halve the rows before this processor; anything else would
+            # give songs each other's codes.
+            raise GenerationError(
+                f"the sampler got {scores.shape[0]} score rows, expected {expected_rows}: "
+                "classifier-free guidance did not run before it"
+            )
+        scores = scores.float() / self.temperature
+        top_k = min(self.top_k, scores.shape[-1])
+        values, indices = scores.topk(top_k, dim=-1)
+        cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+        # Uniform draws from each song's own generator, on the CPU so CUDA and CPU runs
+        # draw the same numbers.
+        uniforms = torch.cat(
+            [torch.rand(self.rows_per_song, generator=generator) for generator in self.generators]
+        ).to(scores.device)
+        uniforms = uniforms.unsqueeze(-1) * cumulative[:, -1:]
+        picks = torch.searchsorted(cumulative, uniforms).clamp_(max=top_k - 1)
+        tokens = indices.gather(-1, picks)
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen.scatter_(-1, tokens, 0.0)
+        return chosen
+
+
+class _SamplerLast(list):
+    """A logits processor list that keeps its last processor last.
+
+    MusicGen's generate appends the classifier-free guidance processor to the list it is
+    given, and guidance must come before sampling, so appends go before the sampler.
+    """
+
+    def append(self, processor) -> None:
+        self.insert(len(self) - 1, processor)
+
+
+class _CodeCapture:
+    """Record the codes generate decodes, and skip its decoding of the padded batch.
+
+    Every song is decoded on its own afterwards from exactly its own frames: EnCodec's
+    convolutions see past a song's end, and batched convolutions round differently, so
+    decoding the whole batch would change a song by its batch mates.
+    """
+
+    def __init__(self, model):
+        self.audio_encoder = model.audio_encoder
+        self.calls: list[tuple[object, object]] = []
+
+    def __enter__(self):
+        self.decode = self.audio_encoder.decode
+        self.audio_encoder.decode = self._capture
+        return self
+
+    def __exit__(self, *exc):
+        self.audio_encoder.decode = self.decode
+
+    def _capture(self, audio_codes, audio_scales=None, **kwargs):
+        from types import SimpleNamespace
+
+        self.calls.append((audio_codes, audio_scales))
+        # generate only concatenates the channels' values and returns them.
+        return SimpleNamespace(audio_values=audio_codes.new_zeros((audio_codes.shape[1], 1, 1)))
+
+    def decode_song(self, song: int, frames: int):
+        """Decode song ``song``'s first ``frames`` frames into ``(channels, samples)``."""
+        import torch
+
+        channels = []
+        for codes, scales in self.calls:
+            values = self.decode(
+                codes[:, song : song + 1, :, :frames], audio_scales=_song_scales(scales, song)
+            )
+            channels.append(values.audio_values[0])
+        return torch.cat(channels, dim=0)
+
+
+def lookahead_frames(loaded: LoadedModel) -> int:
+    """Frames generated past a song's end so its kept frames never see the batch's length.
+
+    With MusicGen's delay pattern, codebook ``k`` of frame ``f`` is predicted from the
+    first codebook's frame ``f + k - 1``. A song's last kept frames therefore depend on
+    whether the first codebook went on past the song's end or was padded, which would
+    make a short song in a batch with longer ones differ from the same song alone. When
+    every song runs ``codebooks - 2`` frames past its end, its kept frames only ever see
+    generated codes, however long the batch runs.
+    """
+    return max(loaded.codebooks_per_channel - 2, 0)
+
+
+def _song_scales(scales, song: int) -> list:
+    """Pick one song's EnCodec scales: a list with one entry per codec chunk."""
+    if scales is None:
+        return [None]
+    if isinstance(scales, list | tuple):
+        # Scales of each chunk are ``(batch, 1)`` tensors, or None without normalisation.
+        return [None if chunk is None else chunk[song : song + 1] for chunk in scales]
+    return scales[song : song + 1]
+
+
+def generate_windows(
+    loaded: LoadedModel,
+    prompts: list[str],
+    new_frames: list[int],
+    settings: GenerationSettings,
+    seeds: list[int],
+    audio_prompts: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Generate one window for each of several songs in a single ``generate`` call.
+
+    Each song gets exactly the audio it would get alone: its codes come from its own
+    seed (:class:`SeededSampler`), and its audio is decoded from its own frames only.
+    The batch runs for the longest song's frames and shorter songs are cut afterwards.
+
+    Args:
+        loaded: The model.
+        prompts: Text prompt of each song.
+        new_frames: Frames of new audio to return for each song.
+        settings: Sampling settings.
+        seeds: Seed of each song's window.
+        audio_prompts: ``None`` for first windows, else one audio prompt per song, each
+            ``(channels, samples)`` with the same number of samples, a multiple of the
+            hop length. Equal lengths keep padding out of the decoder's prompt codes.
+
+    Returns:
+        One ``(channels, new_frames[i] * hop_length)`` float32 array per song.
+
+    Raises:
+        ValueError: The lists differ in length, or the audio prompts in sample count.
+        GenerationError: The model returned fewer samples than asked for.
+    """
+    import torch
+
+    count = len(prompts)
+    if count == 0 or len(new_frames) != count or len(seeds) != count:
+        raise ValueError(
+            f"expected one prompt, frame count and seed per song, got {len(prompts)} prompts, "
+            f"{len(new_frames)} frame counts and {len(seeds)} seeds"
+        )
+    if min(new_frames) < 1:
+        raise ValueError(f"every song needs at least one new frame, got {new_frames}")
+
+    processor_kwargs = {"text": list(prompts), "padding": True, "return_tensors": "pt"}
+    prompt_frames = 0
+    if audio_prompts is not None:
+        lengths = {audio.shape[-1] for audio in audio_prompts}
+        if len(audio_prompts) != count or len(lengths) != 1:
+            raise ValueError(
+                f"expected {count} audio prompts of one length, got {len(audio_prompts)} "
+                f"with lengths {sorted(lengths)}"
+            )
+        prompt_frames = lengths.pop() // loaded.hop_length
+        # The feature extractor takes (samples,) for mono and (channels, samples) for stereo.
+        processor_kwargs["audio"] = [
+            audio[0] if loaded.audio_channels == 1 else audio for audio in audio_prompts
+        ]
+        processor_kwargs["sampling_rate"] = loaded.sampling_rate
+    inputs = loaded.processor(**processor_kwargs)
+    tensors = {}
+    for name, value in inputs.items():
+        value = value.to(loaded.device)
+        if name == "input_values":
+            value = value.to(loaded.dtype)
+        tensors[name] = value
+
+    model = loaded.model
+    sampler = SeededSampler(
+        seeds,
+        rows_per_song=loaded.codebooks_per_channel * loaded.audio_channels,
+        top_k=settings.top_k,
+        temperature=settings.temperature,
+    )
+    # Greedy search takes the sampler's pick; top-k and temperature live in the sampler.
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample = False
+    # Library defaults that greedy search ignores; the checkpoint's own top-k (250)
+    # would only draw a warning that it is unused.
+    config.top_k = 50
+    config.top_p = 1.0
+    config.temperature = 1.0
+    config.guidance_scale = settings.guidance_scale
+    # Every song runs a few frames past its own end (see lookahead_frames), and the
+    # delay pattern costs one step per codebook after the first.
+    run_frames = max(new_frames) + lookahead_frames(loaded)
+    config.max_new_tokens = run_frames + loaded.codebooks_per_channel - 1
+    config.max_length = None
+
+    with torch.inference_mode(), _CodeCapture(model) as capture:
+        model.generate(
+            **tensors, generation_config=config, logits_processor=_SamplerLast([sampler])
+        )
+        songs = []
+        for song, frames in enumerate(new_frames):
+            audio = capture.decode_song(song, prompt_frames + frames).float().cpu().numpy()
+            # The decoded audio includes the audio prompt; keep only what follows it.
+            start = prompt_frames * loaded.hop_length
+            stop = start + frames * loaded.hop_length
+            if audio.shape[-1] < stop:
+                raise GenerationError(
+                    f"the model returned {audio.shape[-1]} samples, expected at least {stop} "
+                    f"({prompt_frames} prompt frames + {frames} new frames)"
+                )
+            songs.append(np.ascontiguousarray(audio[:, start:stop], dtype=np.float32))
+    return songs
+
+
 def generate_window(
     loaded: LoadedModel,
     prompt: str,
@@ -201,6 +436,9 @@ def generate_window(
     audio_prompt: np.ndarray | None = None,
 ) -> np.ndarray:
     """Generate ``new_frames`` frames of audio after an optional audio prompt.
+
+    The same code path as a batch of one in :func:`generate_windows`, so a song's
+    audio is identical whether it is generated alone or with others.
 
     Args:
         loaded: The model.
@@ -214,46 +452,8 @@ def generate_window(
     Returns:
         The new audio only, ``(channels, new_frames * hop_length)`` float32.
     """
-    import torch
-
-    processor_kwargs = {"text": [prompt], "padding": True, "return_tensors": "pt"}
-    prompt_frames = 0
-    if audio_prompt is not None:
-        prompt_frames = audio_prompt.shape[-1] // loaded.hop_length
-        # The feature extractor takes (samples,) for mono and (channels, samples) for stereo.
-        audio = audio_prompt[0] if loaded.audio_channels == 1 else audio_prompt
-        processor_kwargs["audio"] = [audio]
-        processor_kwargs["sampling_rate"] = loaded.sampling_rate
-    inputs = loaded.processor(**processor_kwargs)
-    tensors = {}
-    for name, value in inputs.items():
-        value = value.to(loaded.device)
-        if name == "input_values":
-            value = value.to(loaded.dtype)
-        tensors[name] = value
-
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        output = loaded.model.generate(
-            **tensors,
-            do_sample=True,
-            guidance_scale=settings.guidance_scale,
-            top_k=settings.top_k,
-            temperature=settings.temperature,
-            # The delay pattern costs one step per codebook after the first.
-            max_new_tokens=new_frames + loaded.codebooks_per_channel - 1,
-        )
-    audio_out = output[0].float().cpu().numpy()
-
-    # The decoded audio includes the audio prompt; keep only what follows it.
-    start = prompt_frames * loaded.hop_length
-    stop = start + new_frames * loaded.hop_length
-    if audio_out.shape[-1] < stop:
-        raise GenerationError(
-            f"the model returned {audio_out.shape[-1]} samples, expected at least {stop} "
-            f"({prompt_frames} prompt frames + {new_frames} new frames)"
-        )
-    return np.ascontiguousarray(audio_out[:, start:stop], dtype=np.float32)
+    audio_prompts = None if audio_prompt is None else [audio_prompt]
+    return generate_windows(loaded, [prompt], [new_frames], settings, [seed], audio_prompts)[0]
 
 
 def generate_song(

@@ -1,0 +1,373 @@
+"""Generate many songs together: windows of several songs share one ``generate`` call.
+
+Autoregressive decoding reads every weight of the decoder once per step whatever the
+batch size, so songs decoded together cost little more than one on a GPU, and far less
+than one each on a CPU too. :func:`generate_songs` groups the windows of pending songs
+into batches of up to ``batch_size`` songs:
+
+- A batch holds windows with the same audio-prompt length: first windows (no audio
+  prompt) with first windows, continuations (``context_s`` of audio prompt) with
+  continuations. Equal lengths need no padding, so each song's decoder prompt holds its
+  own codes only, exactly as when it is generated alone.
+- Continuations of started songs go first once there are enough of them to fill a
+  batch, so songs finish, and are stored, early, and at most about two batches of songs
+  are held in memory. New songs start while the continuations would not fill a batch.
+- Songs of different lengths share batches: the batch runs for its longest window and
+  each song keeps its own frames (:func:`mgutil.generation.generate_windows`).
+- A finished song is handed to ``on_song`` at once, not at the end of its batch.
+- A failing batch is split in two and each half retried, so one bad song fails alone;
+  out of memory also halves the batch size for the rest of the run.
+
+Each song's generation time is its share of every batch it was in: the batch's wall
+time divided among its songs by the audio seconds each one gained, so the shares of all
+songs sum to the time the batches took.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mgutil.errors import GenerationError
+from mgutil.generation import (
+    LoadedModel,
+    Window,
+    check_audio,
+    generate_windows,
+    lookahead_frames,
+    plan_windows,
+    validate_settings,
+    window_seed,
+)
+from mgutil.jobs import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+# The clock of the batch times; tests replace it to check how time is shared.
+_clock = time.perf_counter
+
+# Songs per batch on a CPU. Measured on a 2-core Xeon (Sapphire Rapids) with the
+# musicgen-small architecture: see docs/benchmarks.md.
+CPU_BATCH_SIZE = 16
+# Upper bound on CUDA, where the memory estimate allows more: beyond this the decoding
+# steps are compute-bound and larger batches only delay the first stored song.
+MAX_CUDA_BATCH_SIZE = 64
+# Share of free GPU memory that the KV caches may fill; the rest covers activations,
+# logits and the cache's growth by concatenation, which briefly holds two copies.
+CUDA_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class SongRequest:
+    """One song to generate.
+
+    Attributes:
+        key: The caller's name for the song, such as its output file name.
+        prompt: Text prompt.
+        duration_s: Requested duration in seconds.
+        seed: The song's seed; each window derives its own from it.
+    """
+
+    key: str
+    prompt: str
+    duration_s: float
+    seed: int
+
+
+@dataclass
+class SongResult:
+    """A finished song, or a failed one.
+
+    Attributes:
+        request: What was asked for.
+        audio: ``(channels, samples)`` float32 with ``round(duration_s * sampling_rate)``
+            samples, or ``None`` when the song failed.
+        generation_time_s: The song's share of the wall time of every batch it was in.
+        windows: Number of windows of the song.
+        batch_sizes: Songs in each batch that generated one of its windows.
+        error: Why the song failed, or ``None``.
+    """
+
+    request: SongRequest
+    audio: np.ndarray | None
+    generation_time_s: float
+    windows: int
+    batch_sizes: list[int] = field(default_factory=list)
+    error: Exception | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Song:
+    """A song being generated: its windows, its audio so far and its time share."""
+
+    def __init__(self, request: SongRequest, loaded: LoadedModel, settings: GenerationSettings):
+        self.request = request
+        self.total_samples = int(round(request.duration_s * loaded.sampling_rate))
+        total_frames = math.ceil(self.total_samples / loaded.hop_length)
+        self.windows = plan_windows(
+            total_frames,
+            loaded.seconds_to_frames(settings.window_s),
+            loaded.seconds_to_frames(settings.context_s),
+        )
+        self.hop_length = loaded.hop_length
+        self.audio = np.zeros(
+            (loaded.audio_channels, total_frames * loaded.hop_length), dtype=np.float32
+        )
+        self.next_index = 0
+        self.time_s = 0.0
+        self.batch_sizes: list[int] = []
+        self.error: Exception | None = None
+
+    @property
+    def window(self) -> Window:
+        return self.windows[self.next_index]
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.next_index >= len(self.windows)
+
+    def audio_prompt(self) -> np.ndarray | None:
+        window = self.window
+        if not window.context_frames:
+            return None
+        start = (window.start_frame - window.context_frames) * self.hop_length
+        return self.audio[:, start : window.start_frame * self.hop_length]
+
+    def add(self, new_audio: np.ndarray) -> None:
+        begin = self.window.start_frame * self.hop_length
+        self.audio[:, begin : begin + new_audio.shape[-1]] = new_audio
+        self.next_index += 1
+
+    def result(self) -> SongResult:
+        audio = None
+        error = self.error
+        if error is None:
+            audio = self.audio[:, : self.total_samples]
+            try:
+                check_audio(audio)
+            except GenerationError as bad_audio:
+                audio, error = None, bad_audio
+        return SongResult(
+            request=self.request,
+            audio=audio,
+            generation_time_s=self.time_s,
+            windows=len(self.windows),
+            batch_sizes=list(self.batch_sizes),
+            error=error,
+        )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an accelerator running out of memory."""
+    import torch
+
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(error, out_of_memory):
+        return True
+    # Some kernels report it as a plain RuntimeError.
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def window_cache_bytes(loaded: LoadedModel, settings: GenerationSettings) -> int:
+    """Bytes of decoder KV cache that one song's window fills, guidance included.
+
+    Keys and values of every decoder layer for every position of a full window (the
+    start token, the window's frames, the lookahead and the delay steps), twice with
+    classifier-free guidance, which decodes an unconditional copy of every song.
+    """
+    import torch
+
+    decoder = loaded.model.config.decoder
+    positions = (
+        loaded.seconds_to_frames(settings.window_s)
+        + lookahead_frames(loaded)
+        + loaded.codebooks_per_channel
+    )
+    element_bytes = torch.empty((), dtype=loaded.dtype).element_size()
+    guidance_copies = 2 if settings.guidance_scale > 1 else 1
+    return (
+        2
+        * int(decoder.num_hidden_layers)
+        * int(decoder.hidden_size)
+        * positions
+        * element_bytes
+        * guidance_copies
+    )
+
+
+def default_batch_size(loaded: LoadedModel, settings: GenerationSettings) -> int:
+    """Songs per batch for this device.
+
+    On CUDA, as many songs as fit in :data:`CUDA_MEMORY_SHARE` of the free memory with
+    the KV cache of a full window each (:func:`window_cache_bytes`), at most
+    :data:`MAX_CUDA_BATCH_SIZE`. On a CPU, :data:`CPU_BATCH_SIZE`.
+    """
+    if not loaded.device.startswith("cuda"):
+        return CPU_BATCH_SIZE
+    import torch
+
+    free_bytes, _total = torch.cuda.mem_get_info(torch.device(loaded.device))
+    per_song = window_cache_bytes(loaded, settings)
+    size = int(free_bytes * CUDA_MEMORY_SHARE // per_song)
+    size = max(1, min(size, MAX_CUDA_BATCH_SIZE))
+    logger.info(
+        "batch size %d: %.1f GiB free, %.2f GiB of KV cache per song",
+        size,
+        free_bytes / 2**30,
+        per_song / 2**30,
+    )
+    return size
+
+
+class _Scheduler:
+    """Pick the next batch of windows, run it, and split it when it fails."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: GenerationSettings,
+        batch_size: int,
+        on_window: Callable[[SongRequest, Window, int], None] | None,
+    ):
+        self.loaded = loaded
+        self.settings = settings
+        self.batch_size = batch_size
+        self.on_window = on_window
+
+    def next_batch(self, pending: deque[_Song], active: list[_Song]) -> list[_Song]:
+        """Return up to ``batch_size`` songs whose next windows have one context length."""
+        continuing = [song for song in active if song.next_index > 0]
+        if continuing:
+            context = continuing[0].window.context_frames
+            same_context = [song for song in continuing if song.window.context_frames == context]
+            if len(same_context) >= self.batch_size or not pending:
+                return same_context[: self.batch_size]
+        batch = []
+        while pending and len(batch) < self.batch_size:
+            song = pending.popleft()
+            active.append(song)
+            batch.append(song)
+        return batch
+
+    def run(self, batch: list[_Song]) -> None:
+        """Generate the next window of every song in ``batch``; mark failures on the songs."""
+        started = _clock()
+        try:
+            new_audio = generate_windows(
+                self.loaded,
+                [song.request.prompt for song in batch],
+                [song.window.new_frames for song in batch],
+                self.settings,
+                [window_seed(song.request.seed, song.window.index) for song in batch],
+                None if batch[0].window.context_frames == 0 else [s.audio_prompt() for s in batch],
+            )
+        except Exception as error:
+            self._share_time(batch, _clock() - started)
+            self._recover(batch, error)
+            return
+        self._share_time(batch, _clock() - started)
+        for song, audio in zip(batch, new_audio, strict=True):
+            window = song.window
+            song.batch_sizes.append(len(batch))
+            song.add(audio)
+            if self.on_window is not None:
+                self.on_window(song.request, window, len(song.windows))
+
+    def _recover(self, batch: list[_Song], error: Exception) -> None:
+        out_of_memory = is_out_of_memory(error)
+        if out_of_memory:
+            _free_accelerator_memory(self.loaded)
+        if len(batch) == 1:
+            logger.error("window failed for %s: %s", batch[0].request.key, error)
+            batch[0].error = error
+            return
+        if out_of_memory:
+            self.batch_size = max(1, len(batch) // 2)
+            logger.warning(
+                "out of memory with %d songs: batch size now %d", len(batch), self.batch_size
+            )
+        else:
+            logger.warning(
+                "batch of %d songs failed (%s: %s): retrying in halves",
+                len(batch),
+                type(error).__name__,
+                error,
+            )
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            self.run(part)
+
+    @staticmethod
+    def _share_time(batch: list[_Song], elapsed_s: float) -> None:
+        frames = [song.window.new_frames for song in batch]
+        total = sum(frames)
+        for song, song_frames in zip(batch, frames, strict=True):
+            song.time_s += elapsed_s * song_frames / total
+
+
+def _free_accelerator_memory(loaded: LoadedModel) -> None:
+    if loaded.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def generate_songs(
+    loaded: LoadedModel,
+    requests: list[SongRequest],
+    settings: GenerationSettings,
+    batch_size: int | None = None,
+    on_song: Callable[[SongResult], None] | None = None,
+    on_window: Callable[[SongRequest, Window, int], None] | None = None,
+) -> list[SongResult]:
+    """Generate songs in batches; each song is what :func:`generate_song` gives alone.
+
+    Args:
+        loaded: The model.
+        requests: The songs, in the order to start them.
+        settings: Window, context and sampling settings, shared by all songs.
+        batch_size: Most songs per ``generate`` call; ``None`` for
+            :func:`default_batch_size`.
+        on_song: Called with each song's result as soon as its last window is done, or
+            as soon as it fails. An exception it raises stops the run.
+        on_window: Called after each window with the song, the window and the song's
+            number of windows.
+
+    Returns:
+        The results in the order the songs finished.
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive whole number, or the settings do
+            not fit the model.
+    """
+    validate_settings(loaded, settings)
+    if batch_size is None:
+        batch_size = default_batch_size(loaded, settings)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected a whole number >= 1")
+
+    scheduler = _Scheduler(loaded, settings, batch_size, on_window)
+    pending = deque(_Song(request, loaded, settings) for request in requests)
+    active: list[_Song] = []
+    results: list[SongResult] = []
+    while pending or active:
+        batch = scheduler.next_batch(pending, active)
+        logger.debug("batch of %d: %s", len(batch), ", ".join(song.request.key for song in batch))
+        scheduler.run(batch)
+        for song in batch:
+            if song.finished:
+                active.remove(song)
+                result = song.result()
+                results.append(result)
+                if on_song is not None:
+                    on_song(result)
+    return results
