@@ -47,8 +47,24 @@ log() {
     printf '%s [musicgen-bootstrap] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"
 }
 
-# Copy a local file to an s3:// URI, or an s3:// URI to a local file, with the synced
-# environment's boto3, else with the AWS CLI. Returns 1 when neither is available.
+# Copy one file between the local disk and S3 with boto3 alone, for when the clone or
+# the sync failed: uv fetches boto3 into a throwaway environment.
+STANDALONE_COPY='
+import sys
+import boto3
+source, target = sys.argv[1], sys.argv[2]
+s3 = boto3.client("s3")
+if source.startswith("s3://"):
+    bucket, key = source[5:].split("/", 1)
+    s3.download_file(bucket, key, target)
+else:
+    bucket, key = target[5:].split("/", 1)
+    s3.upload_file(source, bucket, key)
+'
+
+# Copy a local file to an s3:// URI, or an s3:// URI to a local file: with the synced
+# environment's boto3, else the AWS CLI, else boto3 in a throwaway uv environment.
+# Returns 1 when all of them fail.
 transfer() {
     local source=$1 target=$2
     if [[ -n "$UV_BIN" && -x "$REPO_DIR/.venv/bin/python" ]]; then
@@ -61,9 +77,12 @@ transfer() {
             return 0
         fi
     fi
-    # NOTE: before the environment is synced there is no boto3; without the AWS CLI the
-    # file stays on the instance, and the log still reaches the console output.
-    log "could not copy $source to $target: no synced environment and no AWS CLI"
+    if [[ -n "$UV_BIN" ]]; then
+        if "$UV_BIN" run --quiet --no-project --with boto3 python -c "$STANDALONE_COPY" "$source" "$target"; then
+            return 0
+        fi
+    fi
+    log "could not copy $source to $target: no synced environment, no AWS CLI, and uv could not run boto3"
     return 1
 }
 
