@@ -8,10 +8,13 @@ counts an upload only after HEAD reports the expected size.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from mgutil.config import parse_output_uri
@@ -24,6 +27,25 @@ WAV_CONTENT_TYPE = "audio/wav"
 _TEMP_PREFIX = ".tmp-"
 # Attempts per S3 call, retried by botocore's standard retry mode with backoff.
 S3_MAX_ATTEMPTS = 10
+# Error codes of a conditional S3 write whose condition did not hold: 412, and 409 when
+# another conditional write to the same key was in flight at the same moment.
+_CONDITION_FAILED_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+# Codes of a server that does not implement a conditional header.
+_NOT_IMPLEMENTED_CODES = ("NotImplemented", "501")
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """The content of a stored object and its version.
+
+    Attributes:
+        data: The object's bytes.
+        version: An opaque version string: the ETag on S3, a SHA-256 of the content in a
+            local folder. It changes whenever the content changes.
+    """
+
+    data: bytes
+    version: str
 
 
 class Store(ABC):
@@ -71,6 +93,48 @@ class Store(ABC):
     def location_of(self, key: str) -> str:
         """Return the full URI or path of ``key``, for messages and logs."""
         return f"{self.uri.rstrip('/')}/{key}"
+
+    # Conditional writes, for claims that several workers race for. Each caller should
+    # write content unique to itself (a claim contains a random token): a retried request
+    # that finds its own bytes in place counts as its success.
+
+    def create_exclusive(self, key: str, data: bytes, content_type: str) -> bool:
+        """Store ``data`` under ``key`` only if nothing is stored there yet.
+
+        Returns:
+            ``True`` if this call created the object, ``False`` if ``key`` already existed.
+
+        Raises:
+            StorageError: The write failed for another reason, or the server does not
+                support conditional writes.
+        """
+        return self.put_if_absent(key, data, content_type) is not None
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str | None:
+        """Like :meth:`create_exclusive`, but return the new object's version, or ``None``."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> Versioned | None:
+        """Return the content and version of ``key``, or ``None`` when it is missing."""
+
+    @abstractmethod
+    def replace_if_version(
+        self, key: str, data: bytes, content_type: str, version: str
+    ) -> str | None:
+        """Replace ``key`` with ``data`` only if its version is still ``version``.
+
+        Returns:
+            The new version, or ``None`` when the object changed or vanished meanwhile.
+        """
+
+    @abstractmethod
+    def delete_if_version(self, key: str, version: str) -> bool:
+        """Remove ``key`` only if its version is still ``version``.
+
+        Returns:
+            ``True`` if this call removed it, ``False`` when it changed or vanished meanwhile.
+        """
 
 
 class LocalStore(Store):
@@ -153,6 +217,74 @@ class LocalStore(Store):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    # Conditional writes. Creation links a finished temporary file to the key, which
+    # fails if the key exists, so a reader never sees half a claim.
+    # Replacing and deleting compare the content's digest under an exclusive flock on a
+    # hidden lock file beside the key. The kernel releases the lock when its holder dies.
+
+    @staticmethod
+    def _digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def _lock_path(self, target: Path) -> Path:
+        return target.parent / f"{_TEMP_PREFIX}lock-{target.name}"
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str | None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp_name, 0o666 & ~umask)
+            try:
+                os.link(temp_name, target)
+            except FileExistsError:
+                return None
+        finally:
+            Path(temp_name).unlink(missing_ok=True)
+        return self._digest(data)
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return Versioned(data, self._digest(data))
+
+    def _locked_compare(self, key: str, version: str, action) -> bool:
+        """Run ``action(target)`` under the key's lock if its digest is ``version``."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path(target), "ab") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                try:
+                    current = target.read_bytes()
+                except FileNotFoundError:
+                    return False
+                if self._digest(current) != version:
+                    return False
+                action(target)
+                return True
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def replace_if_version(
+        self, key: str, data: bytes, content_type: str, version: str
+    ) -> str | None:
+        replaced = self._locked_compare(
+            key, version, lambda target: self.put_bytes(data, key, content_type)
+        )
+        return self._digest(data) if replaced else None
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        return self._locked_compare(key, version, lambda target: target.unlink())
 
 
 class S3Store(Store):
@@ -304,6 +436,118 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as error:
             raise self._error(error, "deleting", key) from error
+
+    # Conditional writes: If-None-Match: * creates only a missing key, If-Match: <ETag>
+    # replaces or deletes only an unchanged one. AWS S3 supports both on PutObject and
+    # If-Match on DeleteObject, which also needs s3:GetObject (S3 user guide,
+    # "How to perform conditional deletes"). moto and SeaweedFS pass
+    # tests/test_storage_backends.py.
+
+    @staticmethod
+    def _code(error) -> str:
+        return str(error.response.get("Error", {}).get("Code", ""))
+
+    def _unsupported(self, error, header: str, key: str) -> StorageError:
+        return StorageError(
+            f"s3://{self.bucket}/{self._key(key)}: the server does not support {header} "
+            f"({self._code(error)}), which claims need so that two workers never take the "
+            "same song. Use AWS S3 or a server that supports conditional writes, or run "
+            "one worker only"
+        )
+
+    def _own_write(self, key: str, data: bytes) -> Versioned | None:
+        """Return the object if it contains exactly ``data``, written by an earlier try of this call."""
+        current = self.get_versioned(key)
+        if current is not None and current.data == data:
+            return current
+        return None
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                ContentType=content_type,
+                IfNoneMatch="*",
+            )
+        except ClientError as error:
+            code = self._code(error)
+            if code in _CONDITION_FAILED_CODES:
+                # botocore retries a request whose response was lost, and the retry then
+                # finds the object that the first try created.
+                own = self._own_write(key, data)
+                return own.version if own is not None else None
+            if code in _NOT_IMPLEMENTED_CODES:
+                raise self._unsupported(error, "If-None-Match", key) from error
+            raise self._error(error, "creating", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"creating {self.location_of(key)} failed: {error}") from error
+        return response["ETag"]
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return Versioned(response["Body"].read(), response["ETag"])
+        except ClientError as error:
+            code = self._code(error)
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or (
+                status == 404 and code != "NoSuchBucket"
+            ):
+                return None
+            raise self._error(error, "reading", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"reading {self.location_of(key)} failed: {error}") from error
+
+    def replace_if_version(
+        self, key: str, data: bytes, content_type: str, version: str
+    ) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                ContentType=content_type,
+                IfMatch=version,
+            )
+        except ClientError as error:
+            code = self._code(error)
+            # A vanished key gives 404 on AWS and moto, 412 on SeaweedFS.
+            if code in _CONDITION_FAILED_CODES or code in ("NoSuchKey", "404"):
+                own = self._own_write(key, data)
+                return own.version if own is not None else None
+            if code in _NOT_IMPLEMENTED_CODES:
+                raise self._unsupported(error, "If-Match", key) from error
+            raise self._error(error, "replacing", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"replacing {self.location_of(key)} failed: {error}") from error
+        return response["ETag"]
+
+    def delete_if_version(self, key: str, version: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        current = self.get_versioned(key)
+        if current is None or current.version != version:
+            return False
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=version)
+        except ClientError as error:
+            code = self._code(error)
+            if code in _CONDITION_FAILED_CODES or code in ("NoSuchKey", "404"):
+                return False
+            if code in _NOT_IMPLEMENTED_CODES:
+                raise self._unsupported(error, "If-Match on DeleteObject", key) from error
+            raise self._error(error, "deleting", key) from error
+        except BotoCoreError as error:
+            raise StorageError(f"deleting {self.location_of(key)} failed: {error}") from error
+        return True
 
 
 def make_s3_client(region: str | None = None, session=None):

