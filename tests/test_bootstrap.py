@@ -186,7 +186,10 @@ case "$1" in
     sync) mkdir -p .venv/bin && ln -sf "{python}" .venv/bin/python ;;
     run)
         shift
-        while [[ "$1" == --* ]]; do shift; done
+        while [[ "$1" == --* ]]; do
+            if [[ "$1" == --with ]]; then shift; fi
+            shift
+        done
         if [[ "$1" == python ]]; then shift; exec "{python}" "$@"; fi
         shift
         printf '%s\\n' "$@" >"{record}/papermill-args"
@@ -259,7 +262,11 @@ def _run(config: BootstrapConfig, tmp_path: Path, papermill_exit: int = 0):
     script.write_text(render_user_data(config))
     script.chmod(0o755)
     return subprocess.run(
-        ["env", "-i", "/bin/bash", str(script)], capture_output=True, text=True, timeout=60
+        ["env", "-i", "/bin/bash", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
