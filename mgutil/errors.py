@@ -66,3 +66,7 @@ class ReadinessError(MusicGenBatchError):
         self.failures = list(failures)
         lines = "\n".join(f"  - {row.check}: {row.found}. Fix: {row.fix}" for row in self.failures)
         super().__init__(f"{len(self.failures)} readiness check(s) failed:\n{lines}")
+
+
+class ClaimLostError(StorageError):
+    """Raised when a worker renews a claim that another worker has taken over or removed."""

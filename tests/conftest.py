@@ -285,22 +285,41 @@ class S3Backend:
         return f"S3Backend({self.name!r}, {self.endpoint!r}, {self.bucket!r})"
 
 
-@pytest.fixture(params=["moto", "seaweedfs"])
-def s3_backend(request, monkeypatch) -> S3Backend:
-    """An empty bucket on moto and on SeaweedFS in turn, with AWS_ENDPOINT_URL set to it.
-
-    moto is reset for each test; SeaweedFS runs for the whole session, so each test gets
-    a bucket of its own there.
-    """
+def _make_s3_backend(request, monkeypatch, name: str) -> S3Backend:
+    """Create an empty bucket on the server ``name`` and point AWS_ENDPOINT_URL at it."""
     import uuid
 
-    if request.param == "moto":
+    if name == "moto":
         endpoint = request.getfixturevalue("aws")
         bucket = "musicgen-test-bucket"
     else:
         endpoint = request.getfixturevalue("seaweedfs_server")
         bucket = f"musicgen-test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    backend = S3Backend(request.param, endpoint, bucket)
+    backend = S3Backend(name, endpoint, bucket)
     backend.client().create_bucket(Bucket=bucket)
     return backend
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_backend(request, monkeypatch) -> S3Backend:
+    """An empty bucket on moto and on SeaweedFS in turn, with AWS_ENDPOINT_URL set to it.
+
+    moto is reset for each test. SeaweedFS runs for the whole session, so each test gets
+    a bucket of its own there.
+    """
+    return _make_s3_backend(request, monkeypatch, request.param)
+
+
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
+def any_store(request, monkeypatch, tmp_path):
+    """An empty output store: a local folder, then a prefix on moto, then on SeaweedFS."""
+    from mgutil.storage import LocalStore, open_store
+
+    if request.param == "local":
+        store = LocalStore(tmp_path / "output")
+    else:
+        backend = _make_s3_backend(request, monkeypatch, request.param)
+        store = open_store(f"s3://{backend.bucket}/batch")
+    store.check_ready()
+    return store
