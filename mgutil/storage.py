@@ -12,7 +12,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,25 @@ WAV_CONTENT_TYPE = "audio/wav"
 _TEMP_PREFIX = ".tmp-"
 # Attempts per S3 call, retried by botocore's standard retry mode with backoff.
 S3_MAX_ATTEMPTS = 10
+# Attempts of a whole upload in S3Store.put_file, each with botocore's own retries.
+# The backoff between them is 2 s, 4 s, 8 s (at most 30 s), each shortened by up to half
+# at random, so that workers throttled together do not retry together.
+UPLOAD_ATTEMPTS = 4
+UPLOAD_BACKOFF_S = 2.0
+UPLOAD_BACKOFF_MAX_S = 30.0
+# Responses after which a later try may succeed: server errors and throttling, as in
+# botocore's standard retry mode (botocore/retries/standard.py).
+_TRANSIENT_STATUS_CODES = (500, 502, 503, 504, 429)
+_TRANSIENT_ERROR_CODES = (
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+)
 # Error codes of a conditional S3 write whose condition did not hold: 412, and 409 when
 # another conditional write to the same key was in flight at the same moment.
 _CONDITION_FAILED_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
@@ -290,11 +311,22 @@ class LocalStore(Store):
 class S3Store(Store):
     """A prefix in an S3 bucket, or in any S3-compatible server."""
 
-    def __init__(self, bucket: str, prefix: str = "", client=None):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        client=None,
+        upload_attempts: int = UPLOAD_ATTEMPTS,
+        upload_backoff_s: float = UPLOAD_BACKOFF_S,
+    ):
         self.bucket = bucket
         self.prefix = prefix
         self.client = client if client is not None else make_s3_client()
         self.uri = f"s3://{bucket}/{prefix}"
+        self.upload_attempts = max(int(upload_attempts), 1)
+        self.upload_backoff_s = upload_backoff_s
+        # Whole uploads that put_file tried again, over the life of this store.
+        self.upload_retries = 0
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -363,11 +395,11 @@ class S3Store(Store):
                 f"expected {expected}. Run again to upload it once more"
             )
 
-    def put_file(self, local_path: str | Path, key: str, content_type: str) -> None:
+    def _upload_once(self, local_path: str | Path, key: str, content_type: str, size: int) -> None:
+        """Upload and verify once; raise _TransientUploadError when a retry may succeed."""
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
-        size = Path(local_path).stat().st_size
         try:
             # upload_file switches to a multipart upload for large files on its own.
             self.client.upload_file(
@@ -379,13 +411,69 @@ class S3Store(Store):
         except S3UploadFailedError as error:
             # boto3 raises this while handling the ClientError, which it keeps as context.
             if isinstance(error.__context__, ClientError):
+                if is_transient_error(error.__context__):
+                    raise _TransientUploadError(str(error.__context__)) from error
                 raise self._error(error.__context__, "uploading", key) from error
             raise StorageError(f"uploading {self.location_of(key)} failed: {error}") from error
         except ClientError as error:
+            if is_transient_error(error):
+                raise _TransientUploadError(str(error)) from error
             raise self._error(error, "uploading", key) from error
         except BotoCoreError as error:
+            if is_transient_error(error):
+                raise _TransientUploadError(str(error)) from error
             raise StorageError(f"uploading {self.location_of(key)} failed: {error}") from error
-        self._verify_size(key, size)
+        try:
+            self._verify_size(key, size)
+        except StorageError as error:
+            cause = error.__cause__
+            if cause is None or is_transient_error(cause):
+                # A short object or a failed HEAD: upload the whole file again.
+                raise _TransientUploadError(str(error)) from error
+            raise
+
+    def put_file(self, local_path: str | Path, key: str, content_type: str) -> None:
+        """Upload a local file; retry the whole upload on server errors and throttling.
+
+        Each of ``upload_attempts`` attempts has botocore's own retries; between them
+        the store waits ``upload_backoff_s`` seconds, doubled after each attempt. Every
+        retry is logged and counted in ``upload_retries``.
+
+        Raises:
+            StorageError: The upload failed for good. The local file is left in place.
+        """
+        size = Path(local_path).stat().st_size
+        for attempt in range(1, self.upload_attempts + 1):
+            try:
+                self._upload_once(local_path, key, content_type, size)
+            except _TransientUploadError as error:
+                if attempt == self.upload_attempts:
+                    raise StorageError(
+                        f"uploading {local_path} to {self.location_of(key)} failed "
+                        f"{attempt} times, last: {error}. The local file is kept; run again "
+                        "to upload it"
+                    ) from error
+                delay = min(self.upload_backoff_s * 2 ** (attempt - 1), UPLOAD_BACKOFF_MAX_S)
+                delay *= random.uniform(0.5, 1.0)
+                self.upload_retries += 1
+                logger.warning(
+                    "upload of %s failed on attempt %d of %d (%s); retrying in %.1f s",
+                    self.location_of(key),
+                    attempt,
+                    self.upload_attempts,
+                    error,
+                    delay,
+                )
+                time.sleep(delay)
+                continue
+            if attempt > 1:
+                logger.info(
+                    "uploaded %s on attempt %d of %d",
+                    self.location_of(key),
+                    attempt,
+                    self.upload_attempts,
+                )
+            return
 
     def put_bytes(self, data: bytes, key: str, content_type: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -548,6 +636,25 @@ class S3Store(Store):
         except BotoCoreError as error:
             raise StorageError(f"deleting {self.location_of(key)} failed: {error}") from error
         return True
+
+
+class _TransientUploadError(Exception):
+    """An upload attempt failed, but another attempt may succeed."""
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """Return whether a later try of the failed S3 request may succeed.
+
+    True for server errors (5xx), throttling (429, ``SlowDown`` and similar codes), and
+    botocore's connection errors (refused, reset or closed connections, timeouts).
+    """
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in _TRANSIENT_ERROR_CODES or status in _TRANSIENT_STATUS_CODES
+    return isinstance(error, ConnectionError | HTTPClientError)
 
 
 def make_s3_client(region: str | None = None, session=None):
