@@ -109,12 +109,34 @@ def load_model(model_id: str, device: str | None = None) -> LoadedModel:
     logger.info("loading model %s on %s (%s)", model_id, device, str(dtype).replace("torch.", ""))
     processor = AutoProcessor.from_pretrained(model_id)
     model = MusicgenForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+    loaded = wrap_model(model, processor, model_id, device, dtype)
+    loaded.load_time_s = time.perf_counter() - started
+    logger.info(
+        "loaded %s in %.1f s: %d Hz, %d channel(s), %.0f frames/s",
+        model_id,
+        loaded.load_time_s,
+        loaded.sampling_rate,
+        loaded.audio_channels,
+        loaded.frame_rate,
+    )
+    return loaded
+
+
+def wrap_model(model, processor, model_id: str, device: str, dtype) -> LoadedModel:
+    """Move a MusicGen model to ``device`` in eval mode and read its audio facts.
+
+    Args:
+        model: A ``MusicgenForConditionalGeneration``, already in ``dtype``.
+        processor: Its ``MusicgenProcessor``.
+        model_id: A name for logs and records.
+        device: ``"cuda"`` or ``"cpu"``.
+        dtype: The dtype of the model's weights.
+    """
     model.to(device)
     model.eval()
-
     config = model.config
     audio_channels = int(config.decoder.audio_channels)
-    loaded = LoadedModel(
+    return LoadedModel(
         model=model,
         processor=processor,
         model_id=str(model_id),
@@ -126,16 +148,6 @@ def load_model(model_id: str, device: str | None = None) -> LoadedModel:
         max_positions=int(config.decoder.max_position_embeddings),
         codebooks_per_channel=int(config.decoder.num_codebooks) // audio_channels,
     )
-    loaded.load_time_s = time.perf_counter() - started
-    logger.info(
-        "loaded %s in %.1f s: %d Hz, %d channel(s), %.0f frames/s",
-        model_id,
-        loaded.load_time_s,
-        loaded.sampling_rate,
-        loaded.audio_channels,
-        loaded.frame_rate,
-    )
-    return loaded
 
 
 def validate_settings(loaded: LoadedModel, settings: GenerationSettings) -> None:
