@@ -39,16 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mgutil.batching import (
-    SongRequest,
-    cpu_threads,
-    default_batch_size,
-    default_cpu_threads,
-    generate_songs,
-    tune_for_batches,
-)
+from mgutil.batching import SongRequest, default_batch_size, generate_songs, tune_for_batches
 from mgutil.config import DEFAULT_MAX_SPOT_PRICE_USD
-from mgutil.generation import LoadedModel, plan_windows, window_seed, wrap_model
+from mgutil.generation import (
+    LoadedModel,
+    cpu_threads,
+    default_cpu_threads,
+    plan_windows,
+    window_seed,
+    wrap_model,
+)
 from mgutil.jobs import GenerationSettings
 
 logger = logging.getLogger("throughput")

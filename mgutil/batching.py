@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +39,7 @@ from mgutil.generation import (
     LoadedModel,
     Window,
     check_audio,
+    cpu_threads,
     generate_windows,
     lookahead_frames,
     plan_windows,
@@ -333,41 +332,6 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
-def default_cpu_threads() -> int:
-    """Threads for CPU generation: every core this process may use but one.
-
-    PyTorch's CPU kernels split each operation over all their threads and wait for the
-    slowest, so when any other process takes a core, one thread per core stalls every
-    operation: on the 2-core machine of docs/benchmarks.md, shared with other work, two
-    threads ran a batch about three times slower than one. The spare core also serves
-    the worker's own uploads and logging.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-@contextmanager
-def cpu_threads(loaded: LoadedModel, threads: int | None):
-    """Run the block with ``threads`` PyTorch CPU threads, then restore the setting.
-
-    On CUDA the setting is left alone: the CPU only launches kernels there.
-    """
-    import torch
-
-    if loaded.device.startswith("cuda"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or default_cpu_threads())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def tune_for_batches(loaded: LoadedModel) -> list[str]:
     """Set up a loaded model for fast batched generation on its device; say what changed.
 
@@ -421,7 +385,7 @@ def generate_songs(
         on_window: Called after each window with the song, the window and the song's
             number of windows.
         threads: PyTorch CPU threads while generating; ``None`` for
-            :func:`default_cpu_threads`. Ignored on CUDA.
+            :func:`mgutil.generation.default_cpu_threads`. Ignored on CUDA.
 
     Returns:
         The results in the order the songs finished.

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +150,41 @@ def wrap_model(model, processor, model_id: str, device: str, dtype) -> LoadedMod
         max_positions=int(config.decoder.max_position_embeddings),
         codebooks_per_channel=int(config.decoder.num_codebooks) // audio_channels,
     )
+
+
+def default_cpu_threads() -> int:
+    """Threads for CPU generation: every core this process may use but one.
+
+    PyTorch's CPU kernels split each operation over all their threads and wait for the
+    slowest, so when any other process takes a core, one thread per core stalls every
+    operation: on the 2-core machine of docs/benchmarks.md, shared with other work, two
+    threads ran a batch about three times slower than one. The spare core also serves
+    the worker's own uploads and logging.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+@contextmanager
+def cpu_threads(loaded: LoadedModel, threads: int | None):
+    """Run the block with ``threads`` PyTorch CPU threads, then restore the setting.
+
+    On CUDA the setting is left alone: the CPU only launches kernels there.
+    """
+    import torch
+
+    if loaded.device.startswith("cuda"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or default_cpu_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def validate_settings(loaded: LoadedModel, settings: GenerationSettings) -> None:
@@ -475,6 +512,7 @@ def generate_song(
     settings: GenerationSettings,
     seed: int,
     on_window: Callable[[Window, int], None] | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Generate a song of exactly ``duration_s`` seconds, window by window.
 
@@ -485,6 +523,8 @@ def generate_song(
         settings: Window, context and sampling settings.
         seed: The job's seed; each window derives its own from it.
         on_window: Called after each window with the window and the number of windows.
+        threads: PyTorch CPU threads while generating; ``None`` for
+            :func:`default_cpu_threads`. Ignored on CUDA.
 
     Returns:
         ``(channels, samples)`` float32 audio with ``round(duration_s * sampling_rate)``
@@ -503,34 +543,49 @@ def generate_song(
     )
 
     song = np.zeros((loaded.audio_channels, total_frames * loaded.hop_length), dtype=np.float32)
-    for window in windows:
-        audio_prompt = None
-        if window.context_frames:
-            start = (window.start_frame - window.context_frames) * loaded.hop_length
-            audio_prompt = song[:, start : window.start_frame * loaded.hop_length]
-        new_audio = generate_window(
-            loaded,
-            prompt,
-            window.new_frames,
-            settings,
-            window_seed(seed, window.index),
-            audio_prompt,
-        )
-        begin = window.start_frame * loaded.hop_length
-        song[:, begin : begin + new_audio.shape[-1]] = new_audio
-        logger.debug(
-            "window %d/%d: %d context + %d new frames",
-            window.index + 1,
-            len(windows),
-            window.context_frames,
-            window.new_frames,
-        )
-        if on_window is not None:
-            on_window(window, len(windows))
+    # The thread count changes float rounding, so songs alone and in batches share it.
+    with cpu_threads(loaded, threads):
+        for window in windows:
+            _generate_song_window(loaded, prompt, settings, seed, song, window, len(windows))
+            if on_window is not None:
+                on_window(window, len(windows))
 
     song = song[:, :total_samples]
     check_audio(song)
     return song
+
+
+def _generate_song_window(
+    loaded: LoadedModel,
+    prompt: str,
+    settings: GenerationSettings,
+    seed: int,
+    song: np.ndarray,
+    window: Window,
+    window_count: int,
+) -> None:
+    """Generate one window of ``song`` in place, from the song's audio so far."""
+    audio_prompt = None
+    if window.context_frames:
+        start = (window.start_frame - window.context_frames) * loaded.hop_length
+        audio_prompt = song[:, start : window.start_frame * loaded.hop_length]
+    new_audio = generate_window(
+        loaded,
+        prompt,
+        window.new_frames,
+        settings,
+        window_seed(seed, window.index),
+        audio_prompt,
+    )
+    begin = window.start_frame * loaded.hop_length
+    song[:, begin : begin + new_audio.shape[-1]] = new_audio
+    logger.debug(
+        "window %d/%d: %d context + %d new frames",
+        window.index + 1,
+        window_count,
+        window.context_frames,
+        window.new_frames,
+    )
 
 
 def check_audio(audio: np.ndarray) -> None:
