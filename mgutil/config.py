@@ -29,6 +29,9 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_OUTPUT_URI = "outputs/"
 DEFAULT_MODEL = "facebook/musicgen-small"
 DEFAULT_INSTANCE_TYPE = "g4dn.xlarge"
+# Instance types a fleet of several workers may use: single-GPU types with 16 GiB or more
+# of GPU memory (T4, A10G, L4).
+DEFAULT_INSTANCE_TYPES = ("g4dn.xlarge", "g5.xlarge", "g6.xlarge")
 DEFAULT_MAX_SPOT_PRICE_USD = 0.40
 # Public SSM parameter that AWS keeps pointed at the newest Deep Learning Base OSS
 # Nvidia Driver GPU AMI on Ubuntu 22.04 (x86_64): driver and CUDA, no Python stack, since
@@ -68,6 +71,7 @@ class Settings:
     repo_url: str | None = None
     repo_commit: str | None = None
     max_duration_s: float = DEFAULT_MAX_DURATION_S
+    instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
 
     @property
     def is_s3(self) -> bool:
@@ -106,6 +110,13 @@ def _parse_text(text: str) -> str:
     return text.strip()
 
 
+def _parse_list(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise ValueError("must list one or more values separated by commas")
+    return items
+
+
 _VARIABLES: dict[str, tuple[str, object]] = {
     "AWS_REGION": ("region", _parse_text),
     "MUSICGEN_OUTPUT_URI": ("output_uri", _parse_text),
@@ -122,6 +133,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "REPO_URL": ("repo_url", _parse_text),
     "REPO_COMMIT": ("repo_commit", _parse_text),
     "MUSICGEN_MAX_DURATION_S": ("max_duration_s", _parse_seconds),
+    "INSTANCE_TYPES": ("instance_types", _parse_list),
 }
 _FIELD_TO_VARIABLE = {field: name for name, (field, _) in _VARIABLES.items()}
 
@@ -202,6 +214,13 @@ def _validate(settings: Settings) -> list[str]:
     if not _INSTANCE_TYPE_PATTERN.match(settings.instance_type):
         add(
             "instance_type", settings.instance_type, "expected an instance type such as g4dn.xlarge"
+        )
+    bad_types = [name for name in settings.instance_types if not _INSTANCE_TYPE_PATTERN.match(name)]
+    if bad_types or not settings.instance_types:
+        add(
+            "instance_types",
+            ",".join(settings.instance_types),
+            "expected instance types separated by commas, such as g4dn.xlarge,g5.xlarge",
         )
     if settings.ami_id is not None and not _AMI_PATTERN.match(settings.ami_id):
         add("ami_id", settings.ami_id, "expected an AMI id such as ami-0123456789abcdef0")

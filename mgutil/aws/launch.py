@@ -6,15 +6,22 @@ validate the request with ``DryRun=True``; :func:`launch` (only after the user
 confirmed) uploads the job file, creates the security group when missing, submits
 ``RunInstances`` with spot market options and waits with :func:`wait_for_worker`.
 
+With ``count`` above 1, :func:`launch` starts a fleet instead: one EC2 Fleet request of
+type ``instant`` for ``count`` spot instances over the plan's instance types and every
+zone of the region, each with the maximum price (:func:`launch_fleet`). The workers share
+the job file and the output location, and claims divide the songs among them.
+
 A persistent spot request is deliberately not offered: EC2 would replace a terminated
 instance and bill again.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +56,11 @@ DEFAULT_POLL_INTERVAL_S = 10.0
 # it is created (eventual consistency); during this grace period that is not an error.
 NOT_FOUND_GRACE_S = 60.0
 TERMINAL_REQUEST_STATES = ("closed", "cancelled", "failed")
+# Allocation strategy of a fleet: among the instance types and zones with the most spare
+# capacity, the lowest price. Interruptions are then rare and the price stays low.
+FLEET_ALLOCATION_STRATEGY = "price-capacity-optimized"
+# Instance states after which an instance never runs again.
+ENDED_INSTANCE_STATES = ("shutting-down", "terminated", "stopping", "stopped")
 QUOTA_ERROR_CODES = ("MaxSpotInstanceCountExceeded", "VcpuLimitExceeded")
 # Spot vCPU quotas by instance family (first letters of the type), in Service Quotas.
 _SPOT_QUOTAS = (
@@ -101,6 +113,8 @@ class LaunchPlan:
         songs: Songs in the job file.
         audio_s: Requested audio in the job file, seconds.
         prices: Current prices and the maximum.
+        count: Number of workers; above 1 they start as one EC2 Fleet request.
+        instance_types: Instance types a fleet may use; ``(instance_type,)`` when empty.
     """
 
     settings: Settings
@@ -116,6 +130,8 @@ class LaunchPlan:
     songs: int
     audio_s: float
     prices: PriceSummary
+    count: int = 1
+    instance_types: tuple[str, ...] = ()
 
     @property
     def max_price_usd(self) -> float:
@@ -187,11 +203,84 @@ class LaunchPlan:
             request["KeyName"] = self.settings.key_pair_name
         return request
 
+    @property
+    def fleet_instance_types(self) -> tuple[str, ...]:
+        return self.instance_types or (self.instance_type,)
+
+    def launch_template_data(self, security_group_id: str | None = None) -> dict:
+        """Return the ``LaunchTemplateData`` of a fleet: what :meth:`request` sets per instance.
+
+        The instance type, zone, count and spot options move to the fleet request. The
+        UserData is base64-encoded here, since CreateLaunchTemplate, unlike RunInstances,
+        takes it encoded.
+        """
+        request = self.request(security_group_id)
+        for name in ("MinCount", "MaxCount", "InstanceType", "InstanceMarketOptions", "Placement"):
+            request.pop(name, None)
+        request["UserData"] = base64.b64encode(request["UserData"].encode("utf-8")).decode("ascii")
+        return request
+
+    def fleet_request(self, launch_template_id: str, zones: Sequence[str]) -> dict:
+        """Return the ``CreateFleet`` arguments: ``count`` spot instances, one instant request.
+
+        Args:
+            launch_template_id: The template from :meth:`launch_template_data`.
+            zones: Availability zones to offer; every type is offered in every zone.
+        """
+        price = f"{self.max_price_usd:g}"
+        overrides = [
+            {"InstanceType": instance_type, "AvailabilityZone": zone, "MaxPrice": price}
+            for instance_type in self.fleet_instance_types
+            for zone in zones
+        ]
+        return {
+            "Type": "instant",
+            "TargetCapacitySpecification": {
+                "TotalTargetCapacity": self.count,
+                "SpotTargetCapacity": self.count,
+                "OnDemandTargetCapacity": 0,
+                "DefaultTargetCapacityType": "spot",
+            },
+            "SpotOptions": {
+                "AllocationStrategy": FLEET_ALLOCATION_STRATEGY,
+                "InstanceInterruptionBehavior": "terminate",
+                "MaxTotalPrice": f"{self.max_price_usd * self.count:g}",
+            },
+            "LaunchTemplateConfigs": [
+                {
+                    "LaunchTemplateSpecification": {
+                        "LaunchTemplateId": launch_template_id,
+                        "Version": "$Latest",
+                    },
+                    "Overrides": overrides,
+                }
+            ],
+            "TagSpecifications": [{"ResourceType": "fleet", "Tags": self.tags()}],
+        }
+
+    @property
+    def launch_template_name(self) -> str:
+        """Name of the run's launch template: ``musicgen-<run id>`` in the allowed characters."""
+        return "musicgen-" + re.sub(r"[^A-Za-z0-9().\-/_]", "-", self.run_id)[:110]
+
     def summary(self) -> pd.DataFrame:
         """The facts a user confirms, as ``item``/``value`` rows."""
+        if self.count > 1:
+            placement = [
+                (
+                    "workers",
+                    f"{self.count}, as one EC2 Fleet request ({FLEET_ALLOCATION_STRATEGY})",
+                ),
+                ("instance types", ", ".join(self.fleet_instance_types)),
+                ("availability zones", "every zone of the region"),
+            ]
+        else:
+            placement = [
+                ("instance type", self.instance_type),
+                ("availability zone", self.zone or "chosen by EC2"),
+            ]
         rows = [
-            ("instance type", self.instance_type),
-            ("availability zone", self.zone or "chosen by EC2"),
+            *placement,
             ("maximum spot price (USD/h)", self.max_price_usd),
             ("current price in zone (USD/h)", self.zone_price_usd),
             ("AMI", self.ami_id),
@@ -327,6 +416,8 @@ def plan_launch(
     max_runtime_minutes: int | None = None,
     auto_shutdown: bool = True,
     bootstrap_options: dict | None = None,
+    count: int = 1,
+    instance_types: Sequence[str] | None = None,
 ) -> LaunchPlan:
     """Resolve everything a launch needs; creates nothing and spends nothing.
 
@@ -345,12 +436,19 @@ def plan_launch(
         auto_shutdown: Shut the instance down when the bootstrap exits.
         bootstrap_options: More :class:`BootstrapConfig` fields (``work_dir``,
             ``extra_env``, ``shutdown_command`` and so on).
+        count: Number of workers on the same job file and output location; above 1
+            they start as one EC2 Fleet request.
+        instance_types: Instance types a fleet may use; ``settings.instance_types``
+            when ``None``.
 
     Raises:
-        ConfigError: The output location is not S3, or the repository is unknown.
+        ConfigError: The output location is not S3, the repository is unknown, or
+            ``count`` is not a positive whole number.
         LaunchError: The AMI or the security group cannot be looked up.
         BootstrapError: The UserData is invalid.
     """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"count={count!r}: expected a whole number of workers, 1 or more")
     if not settings.is_s3:
         raise ConfigError(
             f"output_uri={settings.output_uri!r}: a worker instance can only write to S3; set "
@@ -393,6 +491,8 @@ def plan_launch(
         songs=songs,
         audio_s=float(audio_s),
         prices=prices,
+        count=count,
+        instance_types=tuple(instance_types or settings.instance_types),
     )
 
 
@@ -404,11 +504,13 @@ def dry_run(plan: LaunchPlan, ec2) -> list[str]:
 
     Raises:
         SpotPriceTooLowError: The maximum is below every zone's price (no call made).
+            A fleet skips this check, since the prices cover one instance type only.
         LaunchError: EC2 rejected the request; the message gives its code and reason.
     """
     from botocore.exceptions import ClientError
 
-    plan.prices.check_max_price()
+    if plan.count == 1:
+        plan.prices.check_max_price()
     calls = []
     if plan.security_group_id is None:
         calls.append(
@@ -422,6 +524,17 @@ def dry_run(plan: LaunchPlan, ec2) -> list[str]:
             )
         )
     calls.append(("RunInstances", lambda: ec2.run_instances(**plan.request(), DryRun=True)))
+    if plan.count > 1:
+        calls.append(
+            (
+                "CreateLaunchTemplate",
+                lambda: ec2.create_launch_template(
+                    LaunchTemplateName=plan.launch_template_name,
+                    LaunchTemplateData=plan.launch_template_data(),
+                    DryRun=True,
+                ),
+            )
+        )
     lines = []
     for name, call in calls:
         try:
@@ -434,6 +547,11 @@ def dry_run(plan: LaunchPlan, ec2) -> list[str]:
         raise LaunchError(f"{name} with DryRun=True returned without DryRunOperation")
     if plan.security_group_id is None:
         lines.append("RunInstances was validated without a security group; it is created at launch")
+    if plan.count > 1:
+        lines.append(
+            f"CreateFleet for {plan.count} workers over {', '.join(plan.fleet_instance_types)} "
+            "is sent at launch, once the launch template exists"
+        )
     return lines
 
 
@@ -518,7 +636,9 @@ def launch(
 
     Steps: refuse when a worker is pending or running (unless ``force``) or when the
     maximum price is below every zone's price; upload the job file; create the security
-    group when missing; submit the spot request; wait for a running instance.
+    group when missing; submit the spot request; wait for a running instance. A plan
+    with ``count`` above 1 starts a fleet with :func:`launch_fleet` instead, and returns
+    its :class:`FleetResult`.
 
     Raises:
         WorkerRunningError: A tagged worker is pending or running and ``force`` is false.
@@ -530,21 +650,21 @@ def launch(
         StorageError: The job file could not be uploaded.
     """
 
-    existing = find_workers(ec2, plan.settings.worker_tag)
-    if existing.busy and not force:
-        ids = list(existing.active_instances["instance_id"]) + list(
-            existing.open_requests["spot_request_id"]
+    if plan.count > 1:
+        return launch_fleet(
+            plan,
+            ec2,
+            s3_client=s3_client,
+            force=force,
+            timeout_s=timeout_s,
+            poll_interval_s=poll_interval_s,
+            sleep=sleep,
+            clock=clock,
         )
-        raise WorkerRunningError(
-            f"a worker is already pending or running ({', '.join(ids)}); not launching another. "
-            "Shut it down first, or pass -p force true to run two at once"
-        )
+    _refuse_if_busy(plan, ec2, force)
     plan.prices.check_max_price()
 
-    store = open_store(plan.settings.output_uri, s3_client=s3_client, region=plan.settings.region)
-    jobs_key = f"{RUNS_PREFIX}{plan.run_id}/{JOB_FILE_NAME}"
-    store.put_file(plan.prompts_path, jobs_key, "text/plain; charset=utf-8")
-    logger.info("uploaded %s to %s", plan.prompts_path, plan.bootstrap.jobs_uri)
+    _upload_job_file(plan, s3_client)
 
     group_id = ensure_security_group(
         ec2, plan.settings.security_group_name, plan.settings.worker_tag
@@ -570,6 +690,283 @@ def launch(
         sleep=sleep,
         clock=clock,
     )
+
+
+def _refuse_if_busy(plan: LaunchPlan, ec2, force: bool) -> None:
+    """Raise WorkerRunningError when a tagged worker is pending or running, unless ``force``."""
+    existing = find_workers(ec2, plan.settings.worker_tag)
+    if existing.busy and not force:
+        ids = list(existing.active_instances["instance_id"]) + list(
+            existing.open_requests["spot_request_id"]
+        )
+        raise WorkerRunningError(
+            f"a worker is already pending or running ({', '.join(ids)}); not launching another. "
+            "Shut it down first, or pass -p force true to run two at once"
+        )
+
+
+def _upload_job_file(plan: LaunchPlan, s3_client) -> None:
+    store = open_store(plan.settings.output_uri, s3_client=s3_client, region=plan.settings.region)
+    jobs_key = f"{RUNS_PREFIX}{plan.run_id}/{JOB_FILE_NAME}"
+    store.put_file(plan.prompts_path, jobs_key, "text/plain; charset=utf-8")
+    logger.info("uploaded %s to %s", plan.prompts_path, plan.bootstrap.jobs_uri)
+
+
+@dataclass
+class FleetResult:
+    """Outcome of a fleet launch: the fleet, its instances and the errors EC2 reported.
+
+    Attributes:
+        run_id: Id of the run that every worker of the fleet shares.
+        fleet_id: Id of the EC2 Fleet request.
+        launch_template_id: Id of the run's launch template (deleted after the request).
+        instances: One row per instance: ``instance_id``, ``instance_type``, ``zone``,
+            ``state``.
+        errors: EC2's reasons for capacity it could not launch, one line each.
+        messages: What was seen while waiting.
+    """
+
+    run_id: str
+    fleet_id: str | None = None
+    launch_template_id: str | None = None
+    instances: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def instance_ids(self) -> list[str]:
+        return [row["instance_id"] for row in self.instances]
+
+    def table(self) -> pd.DataFrame:
+        columns = ["instance_id", "instance_type", "zone", "state"]
+        return pd.DataFrame(self.instances, columns=columns).fillna("-")
+
+
+def available_zones(ec2) -> list[str]:
+    """Return the region's availability zones that are available, without Local Zones.
+
+    Raises:
+        LaunchError: The zones cannot be listed.
+    """
+    from botocore.exceptions import ClientError
+
+    try:
+        found = ec2.describe_availability_zones(
+            Filters=[{"Name": "state", "Values": ["available"]}]
+        )["AvailabilityZones"]
+    except ClientError as error:
+        raise LaunchError(
+            f"listing availability zones failed: {_error_code(error)}: {error}. "
+            "Grant ec2:DescribeAvailabilityZones"
+        ) from error
+    zones = [
+        zone["ZoneName"]
+        for zone in found
+        if zone.get("ZoneType", "availability-zone") == "availability-zone"
+    ]
+    return sorted(zones)
+
+
+def _fleet_errors(response: dict) -> list[str]:
+    """Return one line per error in a CreateFleet response: code, type, zone and message."""
+    lines = []
+    for error in response.get("Errors", []):
+        overrides = error.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
+        parts = [overrides.get("InstanceType"), overrides.get("AvailabilityZone")]
+        line = error.get("ErrorCode", "Unknown")
+        if any(parts):
+            line += f" ({' in '.join(part for part in parts if part)})"
+        if error.get("ErrorMessage"):
+            line += f": {error['ErrorMessage']}"
+        lines.append(line)
+    return lines
+
+
+def _delete_launch_template(ec2, template_id: str) -> None:
+    """Delete the run's launch template; an error is logged, since it costs nothing."""
+    from botocore.exceptions import ClientError
+
+    try:
+        ec2.delete_launch_template(LaunchTemplateId=template_id)
+        logger.info("deleted launch template %s", template_id)
+    except ClientError as error:
+        logger.warning(
+            "deleting launch template %s failed: %s; delete it in the EC2 console",
+            template_id,
+            error,
+        )
+
+
+def launch_fleet(
+    plan: LaunchPlan,
+    ec2,
+    s3_client=None,
+    force: bool = False,
+    zones: Sequence[str] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> FleetResult:
+    """Start ``plan.count`` workers as one EC2 Fleet request. This spends money.
+
+    Steps:
+
+    1. Refuse when a worker is pending or running, unless ``force``.
+    2. Upload the job file, and create the security group when missing.
+    3. Create the run's launch template: UserData, tags, IMDSv2, instance profile and
+       root volume.
+    4. Submit one ``instant`` fleet request for spot capacity over every instance type
+       in every zone, each with the maximum price, then delete the template.
+    5. Wait until the instances run.
+
+    EC2 may start fewer instances than requested. The reasons are logged and kept in
+    ``errors``, and the workers that did start share the songs.
+
+    Args:
+        plan: The plan, with ``count`` workers.
+        ec2: A boto3 EC2 client.
+        s3_client: S3 client for the job file upload.
+        force: Launch even when a tagged worker is pending or running.
+        zones: Availability zones to offer; every available zone of the region when ``None``.
+        timeout_s: Seconds to wait for the instances to run.
+        poll_interval_s: Seconds between polls.
+        sleep: Sleep function, for tests.
+        clock: Monotonic clock, for tests.
+
+    Raises:
+        WorkerRunningError: A tagged worker is pending or running and ``force`` is false.
+        QuotaError: A spot quota blocks the request.
+        SpotRequestError: No instance started, or none ran before ``timeout_s``; any
+            instance that did start was terminated.
+        LaunchError: Another EC2 error.
+        StorageError: The job file could not be uploaded.
+    """
+    from botocore.exceptions import ClientError
+
+    _refuse_if_busy(plan, ec2, force)
+    _upload_job_file(plan, s3_client)
+    group_id = ensure_security_group(
+        ec2, plan.settings.security_group_name, plan.settings.worker_tag
+    )
+    zones = list(zones) if zones is not None else available_zones(ec2)
+    if not zones:
+        raise LaunchError(f"no available zone in {plan.settings.region}; check AWS_REGION")
+    try:
+        template = ec2.create_launch_template(
+            LaunchTemplateName=plan.launch_template_name,
+            LaunchTemplateData=plan.launch_template_data(group_id),
+            TagSpecifications=[{"ResourceType": "launch-template", "Tags": plan.tags()}],
+        )["LaunchTemplate"]
+    except ClientError as error:
+        raise _launch_error(plan, error, "creating the launch template", ec2) from error
+    result = FleetResult(run_id=plan.run_id, launch_template_id=template["LaunchTemplateId"])
+    try:
+        response = ec2.create_fleet(**plan.fleet_request(result.launch_template_id, zones))
+    except ClientError as error:
+        raise _launch_error(plan, error, "submitting the fleet request", ec2) from error
+    finally:
+        # An instant fleet is done when CreateFleet returns, so the template is not needed.
+        _delete_launch_template(ec2, result.launch_template_id)
+    result.fleet_id = response.get("FleetId")
+    result.errors = _fleet_errors(response)
+    for launched in response.get("Instances", []):
+        overrides = launched.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
+        for instance_id in launched.get("InstanceIds", []):
+            result.instances.append(
+                {
+                    "instance_id": instance_id,
+                    "instance_type": launched.get("InstanceType") or overrides.get("InstanceType"),
+                    "zone": overrides.get("AvailabilityZone"),
+                    "state": None,
+                }
+            )
+    logger.info(
+        "fleet %s: %d of %d spot instance(s) started: %s",
+        result.fleet_id,
+        len(result.instances),
+        plan.count,
+        ", ".join(result.instance_ids) or "none",
+    )
+    for line in result.errors:
+        logger.warning("fleet %s could not launch: %s", result.fleet_id, line)
+    if not result.instances:
+        raise SpotRequestError(
+            f"the fleet request for {plan.count} spot instance(s) of "
+            f"{', '.join(plan.fleet_instance_types)} started none: "
+            f"{'; '.join(result.errors) or 'no reason given'}. Raise MAX_SPOT_PRICE_USD, add "
+            "types to INSTANCE_TYPES, or try again later"
+        )
+    return wait_for_fleet(ec2, result, timeout_s, poll_interval_s, sleep, clock)
+
+
+def wait_for_fleet(
+    ec2,
+    result: FleetResult,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> FleetResult:
+    """Poll the fleet's instances until each runs or has ended.
+
+    Returns:
+        ``result`` with each instance's state and zone; at least one instance runs.
+
+    Raises:
+        SpotRequestError: No instance runs before ``timeout_s``, or all ended; every
+            instance of the fleet was then terminated.
+    """
+    from botocore.exceptions import ClientError
+
+    started = clock()
+    by_id = {row["instance_id"]: row for row in result.instances}
+
+    def fail(reason: str) -> SpotRequestError:
+        for instance_id in by_id:
+            cancel_and_terminate(ec2, None, instance_id)
+        result.messages.append(f"terminated: {reason}")
+        return SpotRequestError(
+            f"{reason}. Every instance of fleet {result.fleet_id} was terminated; nothing of "
+            "this launch keeps billing"
+        )
+
+    while True:
+        try:
+            reservations = ec2.describe_instances(InstanceIds=list(by_id))["Reservations"]
+        except ClientError as error:
+            if _error_code(error) != "InvalidInstanceID.NotFound":
+                raise fail(f"polling failed: {_error_code(error)}: {error}") from error
+            reservations = []
+        for reservation in reservations:
+            for instance in reservation.get("Instances", []):
+                row = by_id.get(instance["InstanceId"])
+                if row is not None:
+                    row["state"] = instance.get("State", {}).get("Name")
+                    row["zone"] = (
+                        instance.get("Placement", {}).get("AvailabilityZone") or row["zone"]
+                    )
+                    row["instance_type"] = instance.get("InstanceType") or row["instance_type"]
+        states = [row["state"] for row in by_id.values()]
+        running = states.count("running")
+        if all(state == "running" or state in ENDED_INSTANCE_STATES for state in states):
+            if running == 0:
+                raise fail(f"every instance of fleet {result.fleet_id} ended before it ran")
+            message = f"{running} of {len(states)} instance(s) of fleet {result.fleet_id} running"
+            logger.info("%s", message)
+            result.messages.append(message)
+            return result
+        if clock() - started >= timeout_s:
+            if running == 0:
+                raise fail(f"no instance of fleet {result.fleet_id} ran after {timeout_s:.0f} s")
+            message = (
+                f"{running} of {len(states)} instance(s) running after {timeout_s:.0f} s; the "
+                "others are still starting"
+            )
+            logger.warning("%s", message)
+            result.messages.append(message)
+            return result
+        sleep(poll_interval_s)
 
 
 def submit_request(plan: LaunchPlan, ec2, security_group_id: str) -> dict:

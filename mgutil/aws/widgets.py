@@ -137,9 +137,19 @@ def launch_panel(plan, estimate_usd: float | None, action: Callable[[], object])
         estimate_usd: Estimated cost of the job file at the maximum price, USD.
         action: Launches; called once per confirmed click.
     """
+    count = getattr(plan, "count", 1)
+    if count > 1:
+        placement = [
+            ("workers", f"{count}, as one EC2 Fleet request"),
+            ("instance types", ", ".join(plan.fleet_instance_types)),
+        ]
+    else:
+        placement = [
+            ("instance type", plan.instance_type),
+            ("availability zone", plan.zone or "chosen by EC2"),
+        ]
     rows = [
-        ("instance type", plan.instance_type),
-        ("availability zone", plan.zone or "chosen by EC2"),
+        *placement,
         ("maximum spot price (USD/h)", f"{plan.max_price_usd:g}"),
         (
             "estimated cost (USD, at the maximum)",
@@ -152,7 +162,9 @@ def launch_panel(plan, estimate_usd: float | None, action: Callable[[], object])
         title="Launch a spot GPU worker",
         summary=rows,
         warning=BILLING_WARNING.format(minutes=plan.bootstrap.max_runtime_minutes),
-        acknowledgement="I understand that this instance bills until it is shut down",
+        acknowledgement="I understand that this instance bills until it is shut down"
+        if count == 1
+        else f"I understand that these {count} instances bill until they are shut down",
         button_label="Launch",
         action=action,
     )
