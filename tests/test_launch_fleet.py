@@ -262,3 +262,22 @@ def test_notebook_fleet_and_shutdown(worker_env, tmp_path):
     notebook = _papermill(tmp_path, *prompts, "-p", "shutdown", "true")
     assert _instances(ec2, ("pending", "running", "stopping", "stopped")) == []
     assert "terminated 2 instance(s)" in "\n".join(_outputs(notebook, "text"))
+
+
+def test_denied_fleet_names_permissions(worker_env, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    from mgutil.errors import LaunchError
+
+    ec2 = make_client("ec2")
+    plan = _plan(worker_env, ec2, count=2)
+
+    def denied(**request):
+        error = {"Error": {"Code": "UnauthorizedOperation", "Message": "not allowed"}}
+        raise ClientError(error, "CreateFleet")
+
+    monkeypatch.setattr(ec2, "create_fleet", denied)
+    with pytest.raises(LaunchError, match="ec2:CreateFleet, ec2:CreateLaunchTemplate"):
+        launcher.launch(plan, ec2, poll_interval_s=0.01, timeout_s=5)
+    # The launch template does not outlive the failed request.
+    assert ec2.describe_launch_templates()["LaunchTemplates"] == []

@@ -577,9 +577,14 @@ def _launch_error(plan: LaunchPlan, error, action: str, ec2=None) -> LaunchError
             "Quotas; this is not retried"
         )
     if code in ("UnauthorizedOperation", "AccessDenied"):
+        fleet = (
+            ", ec2:CreateFleet, ec2:CreateLaunchTemplate, ec2:DeleteLaunchTemplate"
+            if plan.count > 1
+            else ""
+        )
         return LaunchError(
             f"{action} failed: {code}. Grant ec2:RunInstances, ec2:CreateTags, "
-            "ec2:CreateSecurityGroup and iam:PassRole on the instance profile's role"
+            f"ec2:CreateSecurityGroup{fleet} and iam:PassRole on the instance profile's role"
         )
     if code == "InvalidParameterValue" and "iamInstanceProfile" in str(error):
         return LaunchError(
