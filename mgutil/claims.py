@@ -272,7 +272,9 @@ class ClaimKeeper:
     def stop(self) -> Claim:
         """Stop renewing and return the latest claim, for :func:`release_claim`."""
         self._stop.set()
-        self._thread.join(timeout=max(self.interval_s, 1.0) + 30.0)
+        if self._thread.is_alive():
+            # A renewal in flight finishes first; botocore's retries bound its length.
+            self._thread.join(timeout=max(self.interval_s, 1.0) + 30.0)
         return self.claim
 
     def __enter__(self) -> ClaimKeeper:

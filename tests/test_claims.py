@@ -142,6 +142,17 @@ def test_keeper_renews_then_sees_loss(any_store):
     assert read_claim(any_store, SONG).worker_id == "worker-b"
 
 
+def test_keeper_stop_without_start(tmp_path):
+    from mgutil.storage import LocalStore
+
+    store = LocalStore(tmp_path)
+    claim = try_claim(store, SONG, "worker-a", 10.0)
+    keeper = ClaimKeeper(store, claim, ttl_s=10.0, interval_s=1.0)
+    assert keeper.stop() == claim
+    assert keeper.renewals == 0
+    assert release_claim(store, keeper.stop()) is True
+
+
 def test_keeper_rejects_slow_interval(tmp_path):
     from mgutil.storage import LocalStore
 
