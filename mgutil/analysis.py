@@ -304,7 +304,7 @@ def _default_ec2_factory(region: str | None):
     return make_client(
         "ec2",
         region=region,
-        retries={"mode": "standard", "max_attempts": 2},
+        retries={"mode": "standard", "total_max_attempts": 2},
         connect_timeout=3,
         read_timeout=10,
     )

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 WAV_CONTENT_TYPE = "audio/wav"
 # Prefix of in-progress local writes; list_keys() never returns them.
 _TEMP_PREFIX = ".tmp-"
-# Attempts per S3 call, retried by botocore's standard retry mode with backoff.
+# Tries per S3 call, the first included (botocore's total_max_attempts), retried by its
+# standard retry mode with backoff.
 S3_MAX_ATTEMPTS = 10
 # Attempts of a whole upload in S3Store.put_file, each with botocore's own retries.
 # The backoff between them is 2 s, 4 s, 8 s (at most 30 s), each shortened by up to half
@@ -667,7 +668,7 @@ def make_s3_client(region: str | None = None, session=None):
     from botocore.config import Config
 
     session = session if session is not None else boto3.session.Session()
-    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
+    config = Config(retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS})
     return session.client("s3", region_name=region or session.region_name, config=config)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-# Attempts per call, retried by botocore's standard retry mode with backoff for
-# throttling and transient errors.
+# Tries per call, the first included (botocore's total_max_attempts), retried by its
+# standard retry mode with backoff for throttling and transient errors.
 MAX_ATTEMPTS = 10
 # Seconds; a call that hangs this long fails instead of stalling a notebook cell.
 CONNECT_TIMEOUT_S = 5
@@ -27,7 +27,7 @@ def make_client(service: str, region: str | None = None, session=None, **config_
 
     session = session if session is not None else boto3.session.Session()
     options = {
-        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        "retries": {"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
         "connect_timeout": CONNECT_TIMEOUT_S,
         "read_timeout": READ_TIMEOUT_S,
     }

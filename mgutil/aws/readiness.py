@@ -142,7 +142,7 @@ def make_readiness_clients(region: str, timeout_s: float = DEFAULT_TIMEOUT_S, se
             session=session,
             connect_timeout=CHECK_CONNECT_TIMEOUT_S,
             read_timeout=max(1, int(timeout_s)),
-            retries={"mode": "standard", "max_attempts": CHECK_MAX_ATTEMPTS},
+            retries={"mode": "standard", "total_max_attempts": CHECK_MAX_ATTEMPTS},
         )
         for service in SERVICES
     }

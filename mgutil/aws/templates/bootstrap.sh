@@ -140,7 +140,8 @@ log "checked out $(git -C "$REPO_DIR" rev-parse HEAD)"
 
 STEP="uv sync --frozen"
 cd "$REPO_DIR"
-"$UV_BIN" sync --frozen
+# The dev group (test servers, browser driver) is not needed on a worker.
+"$UV_BIN" sync --frozen --no-dev
 
 STEP="fetch the job file $JOBS_URI"
 transfer "$JOBS_URI" "$PROMPTS_FILE"
