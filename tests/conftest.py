@@ -324,3 +324,23 @@ def any_store(request, monkeypatch, tmp_path):
         store = open_store(f"s3://{backend.bucket}/batch")
     store.check_ready()
     return store
+
+
+# A job file for launch tests: two songs, 30 s of audio in all.
+LAUNCH_PROMPTS = "calm piano ; 20 ; piano\nfast drums ; 10 ; drums\n"
+
+
+@pytest.fixture
+def worker_env(aws, s3_bucket, monkeypatch, tmp_path):
+    """Settings for a launch into the moto server: profile, AMI, bucket, job file."""
+    import boto3
+
+    boto3.client("iam").create_instance_profile(InstanceProfileName="musicgen-worker")
+    image = boto3.client("ec2").describe_images(Owners=["amazon"])["Images"][0]
+    monkeypatch.setenv("AMI_ID", image["ImageId"])
+    monkeypatch.setenv("MUSICGEN_OUTPUT_URI", f"s3://{s3_bucket}/songs")
+    monkeypatch.setenv("REPO_URL", "https://git.example.com/musicgen-batch.git")
+    monkeypatch.setenv("REPO_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(LAUNCH_PROMPTS, encoding="utf-8")
+    return {"bucket": s3_bucket, "prompts": prompts, "image": image}

@@ -17,6 +17,7 @@ import boto3
 import pandas as pd
 import pytest
 from botocore.stub import Stubber
+from conftest import LAUNCH_PROMPTS
 
 from mgutil.aws import launch as launcher
 from mgutil.aws.bootstrap import render_user_data
@@ -28,21 +29,7 @@ from mgutil.errors import QuotaError, SpotPriceTooLowError, SpotRequestError, Wo
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG = "musicgen-batch-worker"
-PROMPTS = "calm piano ; 20 ; piano\nfast drums ; 10 ; drums\n"
-
-
-@pytest.fixture
-def worker_env(aws, s3_bucket, monkeypatch, tmp_path):
-    """Settings for a launch into the moto server: profile, AMI, bucket, job file."""
-    boto3.client("iam").create_instance_profile(InstanceProfileName="musicgen-worker")
-    image = boto3.client("ec2").describe_images(Owners=["amazon"])["Images"][0]
-    monkeypatch.setenv("AMI_ID", image["ImageId"])
-    monkeypatch.setenv("MUSICGEN_OUTPUT_URI", f"s3://{s3_bucket}/songs")
-    monkeypatch.setenv("REPO_URL", "https://git.example.com/musicgen-batch.git")
-    monkeypatch.setenv("REPO_COMMIT", "0123456789abcdef0123456789abcdef01234567")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(PROMPTS, encoding="utf-8")
-    return {"bucket": s3_bucket, "prompts": prompts, "image": image}
+PROMPTS = LAUNCH_PROMPTS
 
 
 def _plan(worker_env, ec2, run_id="20260101T000000Z-test", max_price=None, **options):

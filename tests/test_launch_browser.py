@@ -73,9 +73,11 @@ def _wait_for_server(url: str, deadline: float) -> None:
     raise TimeoutError(f"JupyterLab did not answer at {url.split('?')[0]}")
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 def test_jupyterlab_launch_click(aws, s3_bucket, monkeypatch, tmp_path):
     from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
 
     boto3.client("iam").create_instance_profile(InstanceProfileName="musicgen-worker")
     image = boto3.client("ec2").describe_images(Owners=["amazon"])["Images"][0]

@@ -27,20 +27,6 @@ from mgutil.errors import ConfigError, SpotRequestError, WorkerRunningError
 FLEET_TYPES = {"g4dn.xlarge", "g5.xlarge", "g6.xlarge"}
 
 
-@pytest.fixture
-def worker_env(aws, s3_bucket, monkeypatch, tmp_path):
-    """Settings for a launch into the moto server: profile, AMI, bucket, job file."""
-    boto3.client("iam").create_instance_profile(InstanceProfileName="musicgen-worker")
-    image = boto3.client("ec2").describe_images(Owners=["amazon"])["Images"][0]
-    monkeypatch.setenv("AMI_ID", image["ImageId"])
-    monkeypatch.setenv("MUSICGEN_OUTPUT_URI", f"s3://{s3_bucket}/songs")
-    monkeypatch.setenv("REPO_URL", "https://git.example.com/musicgen-batch.git")
-    monkeypatch.setenv("REPO_COMMIT", "0123456789abcdef0123456789abcdef01234567")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(PROMPTS, encoding="utf-8")
-    return {"bucket": s3_bucket, "prompts": prompts, "image": image}
-
-
 def test_three_tagged_spot_workers(worker_env):
     ec2 = make_client("ec2")
     s3 = make_client("s3")
