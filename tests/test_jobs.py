@@ -45,7 +45,12 @@ def test_comments_and_blank_lines_skipped():
     ("line", "prompt", "duration", "stem"),
     [
         ("jazz; smoky bar; late night ; 40 ; jazz", "jazz; smoky bar; late night", 40.0, "jazz"),
-        ("calm piano; soft strings ; 45", "calm piano; soft strings", 45.0, "calm-piano-soft-strings"),
+        (
+            "calm piano; soft strings ; 45",
+            "calm piano; soft strings",
+            45.0,
+            "calm-piano-soft-strings",
+        ),
         ("rock anthem ; 20", "rock anthem", 20.0, "rock-anthem"),
         ("rock anthem ; 20 ;", "rock anthem", 20.0, "rock-anthem"),
         ("ambient ; 12.5 ; amb.wav", "ambient", 12.5, "amb"),
