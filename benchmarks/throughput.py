@@ -43,8 +43,6 @@ from mgutil.batching import SongRequest, default_batch_size, generate_songs, tun
 from mgutil.config import DEFAULT_MAX_SPOT_PRICE_USD
 from mgutil.generation import (
     LoadedModel,
-    cpu_threads,
-    default_cpu_threads,
     plan_windows,
     window_seed,
     wrap_model,
@@ -419,7 +417,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     baseline = build_model(args.model, device)
     worker = worker_model(baseline)
     batch_size = args.batch_size or default_batch_size(worker, settings)
-    threads = args.threads or default_cpu_threads()
+    threads = args.threads or default_threads
 
     paths = {
         "baseline": (
@@ -429,27 +427,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         ),
     }
     if args.ablations:
-
-        def baseline_with_threads(songs):
-            with cpu_threads(baseline, threads):
-                return baseline_songs(baseline, songs, settings)
-
-        paths["baseline + threads"] = (
-            baseline,
-            baseline_with_threads,
-            {"batch_size": 1, "threads": threads, "dtype": "float32"},
-        )
+        # Batching alone: the worker's batches on the baseline's float32 model.
         paths["batched"] = (
             baseline,
-            lambda songs: generate_songs(
-                baseline, songs, settings, batch_size, threads=default_threads
-            ),
+            lambda songs: generate_songs(baseline, songs, settings, batch_size),
             {"batch_size": batch_size, "threads": default_threads, "dtype": "float32"},
-        )
-        paths["batched + threads"] = (
-            baseline,
-            lambda songs: generate_songs(baseline, songs, settings, batch_size, threads=threads),
-            {"batch_size": batch_size, "threads": threads, "dtype": "float32"},
         )
     worker_dtype = str(worker.model.decoder.dtype).replace("torch.", "")
     paths["worker"] = (
@@ -564,13 +546,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--batch-size", type=int, help="songs per batch; default: the worker's")
-    parser.add_argument("--threads", type=int, help="CPU threads of the worker path")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of the worker path; default: PyTorch's"
+    )
     parser.add_argument("--window-s", type=float, default=30.0, help="seconds per window")
     parser.add_argument("--context-s", type=float, default=10.0, help="seconds of context")
     parser.add_argument(
         "--ablations",
         action="store_true",
-        help="also run batching alone and batching with the thread setting",
+        help="also run the worker's batches on the float32 model: what batching alone buys",
     )
     parser.add_argument(
         "--price-usd-per-hour",

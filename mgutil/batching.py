@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -93,6 +94,7 @@ class SongResult:
         windows: Number of windows of the song.
         batch_sizes: Songs in each batch that generated one of its windows.
         error: Why the song failed, or ``None``.
+        started_at: ISO 8601 UTC time its first window started.
     """
 
     request: SongRequest
@@ -101,6 +103,7 @@ class SongResult:
     windows: int
     batch_sizes: list[int] = field(default_factory=list)
     error: Exception | None = None
+    started_at: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,6 +130,7 @@ class _Song:
         self.time_s = 0.0
         self.batch_sizes: list[int] = []
         self.error: Exception | None = None
+        self.started_at: str | None = None
 
     @property
     def window(self) -> Window:
@@ -164,6 +168,7 @@ class _Song:
             windows=len(self.windows),
             batch_sizes=list(self.batch_sizes),
             error=error,
+            started_at=self.started_at,
         )
 
 
@@ -261,6 +266,9 @@ class _Scheduler:
 
     def run(self, batch: list[_Song]) -> None:
         """Generate the next window of every song in ``batch``; mark failures on the songs."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        for song in batch:
+            song.started_at = song.started_at or now
         started = _clock()
         try:
             new_audio = generate_windows(
@@ -384,8 +392,8 @@ def generate_songs(
             as soon as it fails. An exception it raises stops the run.
         on_window: Called after each window with the song, the window and the song's
             number of windows.
-        threads: PyTorch CPU threads while generating; ``None`` for
-            :func:`mgutil.generation.default_cpu_threads`. Ignored on CUDA.
+        threads: PyTorch CPU threads while generating; ``None`` keeps the process's
+            setting. Ignored on CUDA.
 
     Returns:
         The results in the order the songs finished.

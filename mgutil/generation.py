@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,35 +151,25 @@ def wrap_model(model, processor, model_id: str, device: str, dtype) -> LoadedMod
     )
 
 
-def default_cpu_threads() -> int:
-    """Threads for CPU generation: every core this process may use but one.
-
-    PyTorch's CPU kernels split each operation over all their threads and wait for the
-    slowest, so when any other process takes a core, one thread per core stalls every
-    operation: on the 2-core machine of docs/benchmarks.md, shared with other work, two
-    threads ran a batch about three times slower than one. The spare core also serves
-    the worker's own uploads and logging.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 @contextmanager
 def cpu_threads(loaded: LoadedModel, threads: int | None):
     """Run the block with ``threads`` PyTorch CPU threads, then restore the setting.
 
-    On CUDA the setting is left alone: the CPU only launches kernels there.
+    ``None`` keeps the process's setting, PyTorch's default of one thread per core,
+    which was fastest on an idle CPU. Fewer threads help when other processes load the
+    cores: PyTorch splits each operation over its threads and waits for the slowest.
+    The thread count changes float rounding, so songs compared bit for bit must share
+    it. On CUDA the setting is left alone: the CPU only launches kernels there.
     """
     import torch
 
-    if loaded.device.startswith("cuda"):
+    if threads is None or loaded.device.startswith("cuda"):
         yield
         return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} is invalid: expected a whole number >= 1 or None")
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or default_cpu_threads())
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -523,8 +512,8 @@ def generate_song(
         settings: Window, context and sampling settings.
         seed: The job's seed; each window derives its own from it.
         on_window: Called after each window with the window and the number of windows.
-        threads: PyTorch CPU threads while generating; ``None`` for
-            :func:`default_cpu_threads`. Ignored on CUDA.
+        threads: PyTorch CPU threads while generating; ``None`` keeps the process's
+            setting. Ignored on CUDA.
 
     Returns:
         ``(channels, samples)`` float32 audio with ``round(duration_s * sampling_rate)``
@@ -543,7 +532,6 @@ def generate_song(
     )
 
     song = np.zeros((loaded.audio_channels, total_frames * loaded.hop_length), dtype=np.float32)
-    # The thread count changes float rounding, so songs alone and in batches share it.
     with cpu_threads(loaded, threads):
         for window in windows:
             _generate_song_window(loaded, prompt, settings, seed, song, window, len(windows))

@@ -127,6 +127,7 @@ def test_song_handed_over_when_its_last_window_is_done(tiny_model):
     assert events.index(("song", "two")) < events.index(("song", "long"))
     assert [result.request.key for result in results] == ["short", "two", "middle", "long"]
     assert [result.windows for result in results] == [1, 1, 2, 3]
+    assert all(result.started_at.endswith("+00:00") for result in results)
 
 
 def test_time_shared_by_audio_seconds(tiny_model):
