@@ -328,6 +328,24 @@ class S3Store(Store):
         self.upload_backoff_s = upload_backoff_s
         # Whole uploads that put_file tried again, over the life of this store.
         self.upload_retries = 0
+        # S3 requests of this store's client that botocore's retry mode sent again.
+        self.request_retries = 0
+        events = getattr(getattr(self.client, "meta", None), "events", None)
+        if events is not None:
+            events.register("request-created.s3", self._count_request_try)
+
+    def _count_request_try(self, request, **kwargs) -> None:
+        # botocore numbers the tries of one call in the request context from 1.
+        retries = getattr(request, "context", {}).get("retries") or {}
+        if retries.get("attempt", 1) > 1:
+            self.request_retries += 1
+            logger.info(
+                "S3 %s %s: try %s of %s",
+                request.method,
+                request.url.split("?", 1)[0],
+                retries.get("attempt"),
+                retries.get("max", "?"),
+            )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}{key}"

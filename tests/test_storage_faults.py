@@ -34,11 +34,16 @@ class FaultProxy:
         every: Fail requests number ``every``, ``2 * every`` and so on (counted from 1).
         kinds: Faults used in turn: ``500``, ``503`` or ``"drop"``.
         max_faults: Stop injecting after this many faults.
+        match: ``match(method, path)`` selects the requests that count and may fail;
+            ``None`` selects every request.
     """
 
-    def __init__(self, upstream: str, every: int, kinds=(500, 503, "drop"), max_faults=50):
+    def __init__(
+        self, upstream: str, every: int, kinds=(500, 503, "drop"), max_faults=50, match=None
+    ):
         self.upstream = urlsplit(upstream)
         self.every = every
+        self.match = match
         self.kinds = list(kinds)
         self.max_faults = max_faults
         self.lock = threading.Lock()
@@ -67,7 +72,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._read_body()
-                fault = proxy._next_fault()
+                fault = proxy._next_fault(self.command, self.path)
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -116,7 +121,9 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def _next_fault(self):
+    def _next_fault(self, method: str, path: str):
+        if self.match is not None and not self.match(method, path):
+            return None
         with self.lock:
             self.requests += 1
             if self.requests % self.every or len(self.faults) >= self.max_faults:
@@ -172,6 +179,9 @@ def test_client_retries_absorb_faults(aws, s3_bucket, tmp_path, monkeypatch):
             store.put_file(path, path.name, "audio/wav")
     assert len(proxy.faults) >= 5
     assert set(proxy.faults) == {500, 503, "drop"}
+    # botocore sent each faulted request again, and the store counted every retry.
+    assert store.request_retries == len(proxy.faults)
+    assert store.upload_retries == 0
     _assert_all_stored(aws, s3_bucket, songs)
 
 
