@@ -2,9 +2,10 @@
 
 Each generated song gets a JSON record under ``records/`` beside the audio, written only
 after the audio is stored. A failed attempt gets its own record under
-``records/failed/``. ``cost_report.csv`` and ``failures.csv`` at the root of the output
-location are rebuilt from all records at the end of every run, so no run loses the rows
-of an earlier one.
+``records/failed/``: status ``failed`` when generation failed, ``upload_failed`` when the
+song was generated but could not be stored (the worker keeps it in its local spool).
+``cost_report.csv`` and ``failures.csv`` at the root of the output location are rebuilt
+from all records at the end of every run, so no run loses the rows of an earlier one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ RUNS_PREFIX = "runs/"
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
+STATUS_UPLOAD_FAILED = "upload_failed"
+# Statuses of the attempts listed in failures.csv.
+FAILURE_STATUSES = (STATUS_FAILED, STATUS_UPLOAD_FAILED)
 
 # The first columns of cost_report.csv, in this order. s3_filename holds the output key,
 # for a local store too, so the report reads the same wherever it was made.
@@ -93,6 +97,11 @@ class SongRecord:
     region: str | None = None
     model_load_time_s: float | None = None  # seconds this run spent loading the model
     run_started_at: str | None = None  # ISO 8601 UTC start of the run that made the record
+    # The worker that wrote the record, and how many worker attempts the song took: more
+    # than 1 when a worker continued another one's checkpoint. generation_time_s counts
+    # the time of every attempt.
+    worker_id: str = ""
+    attempts: int = 1
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False).encode("utf-8")
@@ -167,7 +176,7 @@ def build_cost_report(records: list[dict]) -> pd.DataFrame:
 def build_failures(records: list[dict]) -> pd.DataFrame:
     """Return one row per failed attempt; ``resolved`` says whether a later run stored it."""
     done_keys = {record["output_key"] for record in records if record.get("status") == STATUS_DONE}
-    failed = [record for record in records if record.get("status") == STATUS_FAILED]
+    failed = [record for record in records if record.get("status") in FAILURE_STATUSES]
     frame = _records_frame(failed)
     if frame.empty:
         return pd.DataFrame(columns=FAILURE_COLUMNS)
