@@ -5,7 +5,7 @@ batch size, so songs decoded together cost little more than one on a GPU, and fa
 than one each on a CPU too. :func:`generate_songs` groups the windows of pending songs
 into batches of up to ``batch_size`` songs:
 
-- A batch holds windows with the same audio-prompt length: first windows (no audio
+- A batch contains windows with the same audio-prompt length: first windows (no audio
   prompt) with first windows, continuations (``context_s`` of audio prompt) with
   continuations. Equal lengths need no padding, so each song's decoder prompt holds its
   own codes only, exactly as when it is generated alone.
@@ -54,14 +54,14 @@ logger = logging.getLogger(__name__)
 # The clock of the batch times; tests replace it to check how time is shared.
 _clock = time.perf_counter
 
-# Songs per batch on a CPU. Measured on a 2-core Xeon (Sapphire Rapids) with the
-# musicgen-small architecture: see docs/benchmarks.md.
+# Songs per batch on a CPU: the batch of the CPU runs in docs/benchmarks.md (2-core
+# Xeon with AMX, musicgen-small architecture). No other size was measured there.
 CPU_BATCH_SIZE = 16
 # Upper bound on CUDA, where the memory estimate allows more: beyond this the decoding
 # steps are compute-bound and larger batches only delay the first stored song.
 MAX_CUDA_BATCH_SIZE = 64
 # Share of free GPU memory that the KV caches may fill; the rest covers activations,
-# logits and the cache's growth by concatenation, which briefly holds two copies.
+# logits and the cache's growth by concatenation, which briefly needs two copies.
 CUDA_MEMORY_SHARE = 0.5
 
 
@@ -173,7 +173,7 @@ class _Song:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an accelerator running out of memory."""
+    """Return whether ``error`` means that the accelerator ran out of memory."""
     import torch
 
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -266,7 +266,7 @@ class _Scheduler:
 
     def run(self, batch: list[_Song]) -> None:
         """Generate the next window of every song in ``batch``; mark failures on the songs."""
-        now = datetime.now(UTC).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
         for song in batch:
             song.started_at = song.started_at or now
         started = _clock()
@@ -331,7 +331,7 @@ def _free_accelerator_memory(loaded: LoadedModel) -> None:
 
 
 def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16)."""
+    """Return whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16)."""
     import torch
 
     try:

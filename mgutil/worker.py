@@ -2,7 +2,8 @@
 
 The main flow, :func:`run_batch`, reads as its steps: plan (parse the job file and check
 which songs exist, before any model is loaded), load the model if anything is left,
-generate and store each song, rebuild the reports, and summarize.
+generate the missing songs in batches (:func:`mgutil.batching.generate_songs`) and store
+each one as soon as it is finished, rebuild the reports, and summarize.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import secrets
 import socket
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,9 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from mgutil import costs
+from mgutil.batching import SongRequest, SongResult, default_batch_size, generate_songs
 from mgutil.config import Settings, load_settings, resolve_project_path
 from mgutil.errors import StoragePermissionError
-from mgutil.generation import LoadedModel, generate_song, load_model, validate_settings, write_wav
+from mgutil.generation import LoadedModel, load_model, plan_windows, validate_settings, write_wav
 from mgutil.instance import InstanceFacts, instance_facts_from_environment
 from mgutil.jobs import GenerationSettings, Job, JobFile, read_job_file
 from mgutil.storage import WAV_CONTENT_TYPE, Store, open_store
@@ -56,6 +59,9 @@ class BatchPlan:
         max_jobs: Maximum number of songs to generate in this run, or ``None`` for all.
         job_file: Parsed job file, with any invalid lines.
         store: The output location.
+        settings: The configuration the plan was resolved from.
+        batch_size: Most songs per ``generate`` call, or ``None`` to choose from the
+            device (see :func:`mgutil.batching.default_batch_size`).
         run_started_at: ISO 8601 UTC start of the run, set by :func:`run_batch`.
         instance: EC2 instance facts, read by :func:`run_batch`; empty off EC2.
         model_load_time_s: Seconds this run spent loading the model, set by
@@ -72,6 +78,7 @@ class BatchPlan:
     job_file: JobFile
     store: Store
     settings: Settings
+    batch_size: int | None = None
     # Filled in by run_batch, for the records and the run summary the cost analysis reads.
     run_started_at: str | None = None
     instance: InstanceFacts = field(default_factory=InstanceFacts)
@@ -86,6 +93,7 @@ class BatchPlan:
             "hourly_cost_usd": self.hourly_cost_usd,
             **self.generation.to_dict(),
             "max_jobs": self.max_jobs,
+            "batch_size": self.batch_size if self.batch_size is not None else "auto",
             "run_id": self.run_id,
             "songs": len(self.job_file.jobs),
             "invalid_lines": len(self.job_file.errors),
@@ -124,6 +132,7 @@ def prepare_batch(
     skip_invalid_lines: bool = False,
     max_jobs: int | None = None,
     run_id: str | None = None,
+    batch_size: int | None = None,
     settings: Settings | None = None,
     s3_client=None,
 ) -> BatchPlan:
@@ -152,6 +161,13 @@ def prepare_batch(
     )
     if max_jobs is not None and (not isinstance(max_jobs, int) or max_jobs < 0):
         raise ValueError(f"max_jobs={max_jobs!r} is invalid: expected a whole number >= 0 or None")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size={batch_size!r} is invalid: expected a whole number >= 1, or None to "
+            "choose from the device"
+        )
 
     prompts = resolve_project_path(prompts_path or DEFAULT_PROMPTS_PATH)
     job_file = read_job_file(
@@ -177,6 +193,7 @@ def prepare_batch(
         job_file=job_file,
         store=open_store(settings.output_uri, s3_client=s3_client, region=settings.region),
         settings=settings,
+        batch_size=batch_size,
     )
 
 
@@ -263,44 +280,34 @@ def _write_run_summary(plan: BatchPlan, summary: BatchSummary, status: str) -> N
         logger.exception("could not store the summary of run %s", plan.run_id)
 
 
-def generate_and_store(
-    plan: BatchPlan, job: Job, loaded: LoadedModel, scratch: Path, on_window=None
+def store_song(
+    plan: BatchPlan, job: Job, loaded: LoadedModel, result: SongResult, scratch: Path
 ) -> costs.SongRecord:
-    """Generate one song, store it, then store its record.
+    """Store one generated song, then its record.
 
-    The clock covers generation and storage, since the instance bills through both.
-    The temporary WAV is removed whether or not storing succeeds.
+    The record's generation time is the song's share of the batches it was in plus the
+    time storing it took, since the instance bills through both. The temporary WAV is
+    removed whether or not storing succeeds.
     """
-    started_at = _utc_now()
     started = time.perf_counter()
-    windows: list[int] = []
-
-    def count_window(window, total):
-        windows.append(total)
-        if on_window is not None:
-            on_window(window, total)
-
-    audio = generate_song(
-        loaded, job.prompt, job.duration_s, plan.generation, job.seed, on_window=count_window
-    )
     temp_path = scratch / job.output_name
     try:
-        write_wav(temp_path, audio, loaded.sampling_rate)
+        write_wav(temp_path, result.audio, loaded.sampling_rate)
         plan.store.put_file(temp_path, job.output_name, WAV_CONTENT_TYPE)
     finally:
         temp_path.unlink(missing_ok=True)
-    generation_time_s = time.perf_counter() - started
+    storage_time_s = time.perf_counter() - started
 
     record = _make_record(
         plan,
         job,
         loaded,
-        actual_duration_s=audio.shape[-1] / loaded.sampling_rate,
-        generation_time_s=generation_time_s,
-        started_at=started_at,
+        actual_duration_s=result.audio.shape[-1] / loaded.sampling_rate,
+        generation_time_s=result.generation_time_s + storage_time_s,
+        started_at=result.started_at or _utc_now(),
         finished_at=_utc_now(),
         status=costs.STATUS_DONE,
-        windows=windows[-1] if windows else 0,
+        windows=result.windows,
     )
     costs.write_record(plan.store, record)
     return record
@@ -318,7 +325,7 @@ def run_batch(
     progress: bool = True,
     model_loader: Callable[[str], LoadedModel] = load_model,
 ) -> BatchSummary:
-    """Generate every missing song of the plan, in job file order.
+    """Generate every missing song of the plan, starting them in job file order.
 
     Args:
         plan: The prepared batch.
@@ -379,58 +386,115 @@ def run_batch(
 def _generate_pending(
     plan: BatchPlan, pending: list[Job], loaded: LoadedModel, summary: BatchSummary, progress: bool
 ) -> None:
+    # Another worker, or an earlier attempt, may have stored a song since planning.
+    jobs = []
+    for job in pending:
+        if plan.store.exists(job.output_name):
+            logger.info("skip %s: stored since the run started", job.output_name)
+            summary.skipped.append(job.output_name)
+        else:
+            jobs.append(job)
+    if not jobs:
+        return
+
+    by_key = {job.output_name: job for job in jobs}
+    requests = [SongRequest(job.output_name, job.prompt, job.duration_s, job.seed) for job in jobs]
+    batch_size = plan.batch_size or default_batch_size(loaded, plan.generation)
+    logger.info(
+        "generating %d song(s) in batches of up to %d on %s", len(jobs), batch_size, loaded.device
+    )
     with tempfile.TemporaryDirectory(prefix="musicgen-batch-") as scratch_dir:
         scratch = Path(scratch_dir)
-        songs_bar = _progress_bar(len(pending), "songs", progress)
-        for job in pending:
-            # Another worker, or an earlier attempt, may have stored it since planning.
-            if plan.store.exists(job.output_name):
-                logger.info("skip %s: stored since the run started", job.output_name)
-                summary.skipped.append(job.output_name)
-                songs_bar.update(1)
-                continue
+        songs_bar = _progress_bar(len(jobs), "songs", progress)
+        windows_bar = _progress_bar(
+            sum(_window_count(loaded, plan.generation, job) for job in jobs),
+            "windows",
+            progress,
+            leave=False,
+        )
+        windows_bar.unit = "window"
 
-            logger.info(
-                "start %s (%.1f s, line %d)", job.output_name, job.duration_s, job.line_number
-            )
-            windows_bar = None
+        def on_window(request, window, total):
+            windows_bar.update(1)
 
-            def on_window(window, total, job=job):
-                nonlocal windows_bar
-                if windows_bar is None:
-                    windows_bar = _progress_bar(
-                        total, job.file_stem, progress and total > 1, leave=False
-                    )
-                    windows_bar.unit = "window"
-                windows_bar.update(1)
-
-            started_at = _utc_now()
-            started = time.perf_counter()
-            try:
-                record = generate_and_store(plan, job, loaded, scratch, on_window)
-            except StoragePermissionError:
-                raise
-            except Exception as error:  # one bad job must not end the batch
-                elapsed = time.perf_counter() - started
-                logger.exception("failed %s after %.1f s", job.output_name, elapsed)
-                _free_accelerator_memory(loaded)
-                _record_failure(plan, job, loaded, error, elapsed, started_at)
-                summary.failed.append(job.output_name)
-                summary.estimated_cost_usd += costs.estimate_cost_usd(elapsed, plan.hourly_cost_usd)
-            else:
-                logger.info(
-                    "stored %s in %.1f s, estimated $%.4f",
-                    plan.store.location_of(job.output_name),
-                    record.generation_time_s,
-                    record.estimated_cost_usd,
-                )
-                summary.generated.append(job.output_name)
-                summary.estimated_cost_usd += record.estimated_cost_usd
-            finally:
-                if windows_bar is not None:
-                    windows_bar.close()
+        def on_song(result: SongResult) -> None:
+            _finish_song(plan, by_key[result.request.key], loaded, result, scratch, summary)
             songs_bar.update(1)
-        songs_bar.close()
+
+        try:
+            generate_songs(
+                loaded,
+                requests,
+                plan.generation,
+                batch_size=batch_size,
+                on_song=on_song,
+                on_window=on_window,
+            )
+        finally:
+            windows_bar.close()
+            songs_bar.close()
+
+
+def _window_count(loaded: LoadedModel, settings: GenerationSettings, job: Job) -> int:
+    total_samples = int(round(job.duration_s * loaded.sampling_rate))
+    total_frames = -(-total_samples // loaded.hop_length)
+    return len(
+        plan_windows(
+            total_frames,
+            loaded.seconds_to_frames(settings.window_s),
+            loaded.seconds_to_frames(settings.context_s),
+        )
+    )
+
+
+def _finish_song(
+    plan: BatchPlan,
+    job: Job,
+    loaded: LoadedModel,
+    result: SongResult,
+    scratch: Path,
+    summary: BatchSummary,
+) -> None:
+    """Store a finished song and its record, or record why it failed.
+
+    One bad song must not end the batch, so every error but a denied storage access is
+    recorded and logged; a 403 stops the run, as every later upload would fail too.
+    """
+    error = result.error
+    record = None
+    started = time.perf_counter()
+    if error is None:
+        try:
+            record = store_song(plan, job, loaded, result, scratch)
+        except StoragePermissionError:
+            raise
+        except Exception as store_error:  # recorded below, like a generation failure
+            logger.exception("failed to store %s", job.output_name)
+            error = store_error
+
+    if record is not None:
+        logger.info(
+            "stored %s in %.1f s, estimated $%.4f",
+            plan.store.location_of(job.output_name),
+            record.generation_time_s,
+            record.estimated_cost_usd,
+        )
+        summary.generated.append(job.output_name)
+        summary.estimated_cost_usd += record.estimated_cost_usd
+        return
+
+    elapsed = result.generation_time_s + (time.perf_counter() - started)
+    if result.error is not None:
+        logger.error(
+            "failed %s after %.1f s: %s",
+            job.output_name,
+            elapsed,
+            "".join(traceback.format_exception(result.error)).rstrip(),
+        )
+    _free_accelerator_memory(loaded)
+    _record_failure(plan, job, loaded, error, elapsed, result.started_at or _utc_now())
+    summary.failed.append(job.output_name)
+    summary.estimated_cost_usd += costs.estimate_cost_usd(elapsed, plan.hourly_cost_usd)
 
 
 def _record_failure(
