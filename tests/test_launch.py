@@ -500,3 +500,55 @@ def test_notebook_confirm_and_shutdown(worker_env, tmp_path):
     notebook = _papermill(tmp_path, *prompts, "-p", "shutdown", "true")
     assert _instances(ec2, ("pending", "running", "stopping", "stopped")) == []
     assert "0 tagged resource(s) left" in "\n".join(_outputs(notebook, "text"))
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("https://github.com/example/musicgen-batch.git", False),
+        ("git@github.com:example/musicgen-batch.git", False),
+        ("ssh://git@example.com/musicgen-batch.git", False),
+        ("file:///srv/git/musicgen-batch.git", True),
+        ("/work/main", True),
+        ("", True),
+    ],
+)
+def test_local_repository_warned(url, warned):
+    warning = launcher.local_repository_warning(url)
+    assert (warning is not None) == warned
+    if warned:
+        assert "cannot clone" in warning
+
+
+def test_status_counts_uploaded_job_file(worker_env, tmp_path):
+    from mgutil.aws.status import worker_status
+    from mgutil.jobs import GenerationSettings, parse_job_text
+    from mgutil.storage import open_store
+
+    ec2 = make_client("ec2")
+    result = launcher.launch(_plan(worker_env, ec2), ec2, poll_interval_s=0.01, timeout_s=5)
+    settings = load_settings()
+    store = open_store(settings.output_uri)
+    uploaded = parse_job_text(PROMPTS, model_id=settings.model_id, settings=GenerationSettings())
+    store.put_bytes(b"RIFF", uploaded.jobs[0].output_name, "audio/wav")
+    # The notebook's own job file differs from the one the worker reads.
+    other = parse_job_text(
+        "a ; 1 ; a\nb ; 1 ; b\nc ; 1 ; c\n",
+        model_id=settings.model_id,
+        settings=GenerationSettings(),
+    )
+
+    status = worker_status(
+        ec2,
+        TAG,
+        store,
+        0.4,
+        job_file=other,
+        run_id=result.run_id,
+        model_id=settings.model_id,
+    )
+    assert status.songs_total == 2
+    assert status.songs_done == 1
+    assert (
+        worker_status(ec2, TAG, store, 0.4, job_file=other, run_id=result.run_id).songs_total == 3
+    )

@@ -126,12 +126,20 @@ def test_job_estimate_ratio_source(tmp_path):
             "requested_duration_s": audio_s,
             "generation_time_s": generation_s,
             "status": "done",
+            "device": "cuda (Tesla T4)",
+            "model_id": "facebook/musicgen-small",
         }
         store.put_bytes(json.dumps(record).encode(), f"records/{name}.json", "application/json")
+    # A CPU record and a record of another model say nothing about this GPU worker.
+    cpu = {**record, "generation_time_s": 5000, "device": "cpu"}
+    store.put_bytes(json.dumps(cpu).encode(), "records/cpu.json", "application/json")
+    other = {**record, "generation_time_s": 5000, "model_id": "facebook/musicgen-large"}
+    store.put_bytes(json.dumps(other).encode(), "records/other.json", "application/json")
     failed = {"requested_duration_s": 10, "generation_time_s": 900, "status": "failed"}
     store.put_bytes(json.dumps(failed).encode(), "records/failed/x.json", "application/json")
     estimate = estimate_job_file(100.0, 2, 0.36, None, compute_s_per_audio_s=3.0,
-                                 boot_allowance_s=600.0, store=store)  # fmt: skip
+                                 boot_allowance_s=600.0, store=store,
+                                 model_id="facebook/musicgen-small")  # fmt: skip
     assert estimate.compute_s_per_audio_s == pytest.approx(5.0)
     assert estimate.ratio_source == "median of 3 earlier record(s)"
     assert estimate.run_time_s == pytest.approx(1100.0)

@@ -51,10 +51,14 @@ def hourly_estimates(
     return pd.DataFrame(rows)
 
 
-def compute_ratio_from_records(store: Store) -> tuple[float | None, int]:
+def compute_ratio_from_records(
+    store: Store, model_id: str | None = None
+) -> tuple[float | None, int]:
     """Return the median compute seconds per audio second of earlier songs, and how many.
 
-    Only success records with a positive requested duration count.
+    Only success records with a positive requested duration count, generated on a CUDA
+    device (a CPU run says nothing about a GPU worker) and, when ``model_id`` is given,
+    with that model.
 
     Returns:
         ``(median, count)``; ``(None, 0)`` when there are no usable records.
@@ -67,6 +71,10 @@ def compute_ratio_from_records(store: Store) -> tuple[float | None, int]:
         except (TypeError, ValueError):
             continue
         if record.get("status", costs.STATUS_DONE) != costs.STATUS_DONE:
+            continue
+        if not str(record.get("device") or "").startswith("cuda"):
+            continue
+        if model_id is not None and record.get("model_id") != model_id:
             continue
         if audio_s > 0 and compute_s > 0 and math.isfinite(compute_s / audio_s):
             ratios.append(compute_s / audio_s)
@@ -132,6 +140,7 @@ def estimate_job_file(
     compute_s_per_audio_s: float = DEFAULT_COMPUTE_S_PER_AUDIO_S,
     boot_allowance_s: float = DEFAULT_BOOT_ALLOWANCE_S,
     store: Store | None = None,
+    model_id: str | None = None,
 ) -> JobEstimate:
     """Estimate the run time and cost of generating ``audio_s`` seconds of audio.
 
@@ -142,7 +151,9 @@ def estimate_job_file(
         current_price_usd: Current spot price, USD per hour, or ``None``.
         compute_s_per_audio_s: Ratio used when ``store`` holds no earlier records.
         boot_allowance_s: Seconds added for boot, environment and model load.
-        store: The output location; the median ratio of its records wins when it has any.
+        store: The output location; the median ratio of its GPU records wins when it has
+            any.
+        model_id: Count only records of this model; every model when ``None``.
 
     Raises:
         ValueError: A ratio or allowance is negative or not a number.
@@ -159,7 +170,7 @@ def estimate_job_file(
     ratio, source = float(compute_s_per_audio_s), "parameter"
     if store is not None:
         try:
-            median, count = compute_ratio_from_records(store)
+            median, count = compute_ratio_from_records(store, model_id)
         except StorageError as error:
             logger.warning("cannot read earlier records, using the parameter: %s", error)
             median, count = None, 0

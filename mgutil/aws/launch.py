@@ -303,6 +303,9 @@ class LaunchPlan:
             ),
             ("UserData (bytes)", len(self.user_data.encode("utf-8"))),
         ]
+        warning = local_repository_warning(self.bootstrap.repo_url)
+        if warning:
+            rows.append(("WARNING", warning))
         return pd.DataFrame(rows, columns=["item", "value"]).astype({"value": str})
 
     @property
@@ -403,6 +406,23 @@ def ensure_security_group(ec2, name: str, tag: str) -> str:
     return group_id
 
 
+def local_repository_warning(repo_url: str) -> str | None:
+    """Return a warning when an EC2 instance cannot clone ``repo_url``, else ``None``.
+
+    A folder path or a ``file://`` URL only exists on this machine: it is right for a
+    drill that runs the UserData here, and wrong for a real worker.
+    """
+    if repo_url and "://" in repo_url and not repo_url.startswith("file://"):
+        return None
+    if repo_url and repo_url.startswith("git@"):
+        return None
+    return (
+        f"REPO_URL {repo_url or '(empty)'!r} is local to this machine, so a worker on EC2 "
+        "cannot clone it: push to a repository the instance can reach (https, no "
+        "credentials) and set REPO_URL"
+    )
+
+
 def plan_launch(
     settings: Settings,
     prices: PriceSummary,
@@ -472,6 +492,9 @@ def plan_launch(
         auto_shutdown=bool(auto_shutdown),
         **options,
     )
+    warning = local_repository_warning(bootstrap.repo_url)
+    if warning:
+        logger.warning("%s", warning)
     user_data = render_user_data(bootstrap)
     ami_id, root_name, ami_root_gb = resolve_ami(settings, ec2, ssm)
     if not isinstance(root_volume_gb, int) or root_volume_gb < 1:

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from mgutil import costs
-from mgutil.aws.bootstrap import RUNS_PREFIX
+from mgutil.aws.bootstrap import JOB_FILE_NAME, RUNS_PREFIX
 from mgutil.aws.workers import Workers, explain_status, find_workers, uptime_and_cost
 from mgutil.errors import StorageError
-from mgutil.jobs import JobFile
+from mgutil.jobs import GenerationSettings, JobFile, parse_job_text
 from mgutil.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def worker_status(
     run_id: str | None = None,
     log_lines: int = 30,
     now: datetime | None = None,
+    model_id: str | None = None,
 ) -> WorkerStatus:
     """Collect the status of the tagged workers and of the run.
 
@@ -92,10 +93,13 @@ def worker_status(
         tag: Value of the ``Name`` tag of the workers.
         store: The output location of the run.
         max_price_usd: Rate for the cost so far when an instance has no price tag.
-        job_file: The job file, for songs done out of the total.
+        job_file: The job file, for songs done out of the total. The copy the launcher
+            uploaded for the run (``runs/<run id>/prompts.txt``) wins when ``model_id``
+            is given, since that is the file the worker reads.
         run_id: The run to show; ``None`` takes the newest instance's run id tag.
         log_lines: Lines of log to keep.
         now: Current time, for tests.
+        model_id: Model of the run, which the output names depend on.
     """
     from botocore.exceptions import ClientError
 
@@ -126,6 +130,8 @@ def worker_status(
 
     status = WorkerStatus(workers=workers, table=table, run_id=run_id)
     try:
+        if run_id and model_id:
+            job_file = _uploaded_job_file(store, run_id, model_id) or job_file
         _read_progress(status, store, job_file)
         _read_run_files(status, store, run_id, log_lines)
     except StorageError as error:
@@ -141,6 +147,17 @@ def worker_status(
             status.log_source = f"console output of {instance_id}"
             status.log_tail = _tail(_decode_console(output), log_lines)
     return status
+
+
+def _uploaded_job_file(store: Store, run_id: str, model_id: str) -> JobFile | None:
+    """Parse the job file the launcher uploaded for ``run_id``, or return ``None``."""
+    key = f"{RUNS_PREFIX}{run_id}/{JOB_FILE_NAME}"
+    if not store.exists(key):
+        return None
+    text = store.get_bytes(key).decode("utf-8-sig", "replace")
+    return parse_job_text(
+        text, model_id=model_id, settings=GenerationSettings(), path=store.location_of(key)
+    )
 
 
 def _read_progress(status: WorkerStatus, store: Store, job_file: JobFile | None) -> None:
