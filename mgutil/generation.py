@@ -108,8 +108,18 @@ def load_model(model_id: str, device: str | None = None) -> LoadedModel:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
 
     logger.info("loading model %s on %s (%s)", model_id, device, str(dtype).replace("torch.", ""))
-    processor = AutoProcessor.from_pretrained(model_id)
-    model = MusicgenForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = MusicgenForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+    except OSError as error:
+        # transformers raises OSError for a missing folder, an unknown hub id and a hub
+        # that cannot be reached (HF_HUB_OFFLINE=1 included).
+        raise GenerationError(
+            f"cannot load the MusicGen checkpoint {model_id!r}: {error}. Pass a hub id such "
+            "as facebook/musicgen-small with network access, or a local folder with "
+            "-p model_id or MUSICGEN_MODEL (python -m mgutil.tiny_model DIR builds a tiny "
+            "offline one)"
+        ) from error
     loaded = wrap_model(model, processor, model_id, device, dtype)
     loaded.load_time_s = time.perf_counter() - started
     logger.info(

@@ -173,3 +173,11 @@ def test_window_over_position_limit_rejected(tiny_model):
 def test_bad_audio_rejected(audio, message):
     with pytest.raises(GenerationError, match=message):
         check_audio(audio)
+
+
+def test_missing_checkpoint_names_fix(tmp_path):
+    with pytest.raises(GenerationError) as raised:
+        load_model(str(tmp_path / "no-such-model"), device="cpu")
+    message = str(raised.value)
+    assert "no-such-model" in message
+    assert "MUSICGEN_MODEL" in message
