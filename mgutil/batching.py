@@ -17,6 +17,10 @@ into batches of up to ``batch_size`` songs:
 - A finished song is handed to ``on_song`` at once, not at the end of its batch.
 - A failing batch is split in two and each half retried, so one bad song fails alone;
   out of memory also halves the batch size for the rest of the run.
+- A caller that coordinates with other workers admits each song right before its first
+  batch (``admit``), may hand in a song's earlier windows to continue from, hears of
+  each song's progress after every window (``on_progress``), and may stop the run
+  between two batches (``should_stop``).
 
 Each song's generation time is its share of every batch it was in: the batch's wall
 time divided among its songs by the audio seconds each one gained, so the shares of all
@@ -110,6 +114,42 @@ class SongResult:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Windows of a song generated earlier, to continue from.
+
+    Attributes:
+        audio: ``(channels, samples)`` float32 audio of the first ``windows_done``
+            windows: exactly the samples up to the start of the next window.
+        windows_done: Number of windows generated so far.
+    """
+
+    audio: np.ndarray
+    windows_done: int
+
+
+@dataclass(frozen=True)
+class SongProgress:
+    """A song after one of its windows, with more windows to go.
+
+    Attributes:
+        request: The song.
+        audio: ``(channels, samples)`` float32 audio so far, a view of the song's buffer
+            that later windows do not change.
+        windows_done: Windows generated so far, resumed ones included.
+        frames_done: Codec frames generated so far.
+        windows: Number of windows of the song.
+        generation_time_s: The song's share of this run's batches so far.
+    """
+
+    request: SongRequest
+    audio: np.ndarray
+    windows_done: int
+    frames_done: int
+    windows: int
+    generation_time_s: float
+
+
 class _Song:
     """A song being generated: its windows, its audio so far and its time share."""
 
@@ -135,6 +175,42 @@ class _Song:
     @property
     def window(self) -> Window:
         return self.windows[self.next_index]
+
+    def resume(self, resume: Resume) -> bool:
+        """Continue from earlier windows; return False, and start afresh, when they do not fit."""
+        if not 0 < resume.windows_done < len(self.windows):
+            logger.warning(
+                "cannot resume %s after %d of its %d windows: starting it afresh",
+                self.request.key,
+                resume.windows_done,
+                len(self.windows),
+            )
+            return False
+        samples = self.windows[resume.windows_done].start_frame * self.hop_length
+        expected = (self.audio.shape[0], samples)
+        if resume.audio.shape != expected:
+            logger.warning(
+                "cannot resume %s: its earlier audio is %s, expected %s (channels, samples); "
+                "starting it afresh",
+                self.request.key,
+                resume.audio.shape,
+                expected,
+            )
+            return False
+        self.audio[:, :samples] = resume.audio
+        self.next_index = resume.windows_done
+        return True
+
+    def progress(self) -> SongProgress:
+        frames_done = self.windows[self.next_index].start_frame
+        return SongProgress(
+            request=self.request,
+            audio=self.audio[:, : frames_done * self.hop_length],
+            windows_done=self.next_index,
+            frames_done=frames_done,
+            windows=len(self.windows),
+            generation_time_s=self.time_s,
+        )
 
     @property
     def finished(self) -> bool:
@@ -243,26 +319,50 @@ class _Scheduler:
         settings: GenerationSettings,
         batch_size: int,
         on_window: Callable[[SongRequest, Window, int], None] | None,
+        admit: Callable[[SongRequest], bool | Resume] | None = None,
     ):
         self.loaded = loaded
         self.settings = settings
         self.batch_size = batch_size
         self.on_window = on_window
+        self.admit = admit
 
     def next_batch(self, pending: deque[_Song], active: list[_Song]) -> list[_Song]:
-        """Return up to ``batch_size`` songs whose next windows have one context length."""
-        continuing = [song for song in active if song.next_index > 0]
-        if continuing:
-            context = continuing[0].window.context_frames
-            same_context = [song for song in continuing if song.window.context_frames == context]
-            if len(same_context) >= self.batch_size or not pending:
-                return same_context[: self.batch_size]
-        batch = []
+        """Return up to ``batch_size`` songs whose next windows have one context length.
+
+        Empty when every pending song was refused and no song is in progress.
+        """
+        batch = self._continuations(active, only_full=bool(pending))
+        if batch:
+            return batch
         while pending and len(batch) < self.batch_size:
             song = pending.popleft()
+            if not self._admit(song):
+                continue
             active.append(song)
-            batch.append(song)
-        return batch
+            # A resumed song needs an audio prompt, so it joins the continuations.
+            if song.next_index == 0:
+                batch.append(song)
+        return batch or self._continuations(active, only_full=False)
+
+    def _continuations(self, active: list[_Song], only_full: bool) -> list[_Song]:
+        continuing = [song for song in active if song.next_index > 0]
+        if not continuing:
+            return []
+        context = continuing[0].window.context_frames
+        same_context = [song for song in continuing if song.window.context_frames == context]
+        if only_full and len(same_context) < self.batch_size:
+            return []
+        return same_context[: self.batch_size]
+
+    def _admit(self, song: _Song) -> bool:
+        if self.admit is None:
+            return True
+        decision = self.admit(song.request)
+        if isinstance(decision, Resume):
+            song.resume(decision)
+            return True
+        return bool(decision)
 
     def run(self, batch: list[_Song]) -> None:
         """Generate the next window of every song in ``batch``; mark failures on the songs."""
@@ -379,6 +479,9 @@ def generate_songs(
     on_song: Callable[[SongResult], None] | None = None,
     on_window: Callable[[SongRequest, Window, int], None] | None = None,
     threads: int | None = None,
+    admit: Callable[[SongRequest], bool | Resume] | None = None,
+    on_progress: Callable[[SongProgress], bool | None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[SongResult]:
     """Generate songs in batches; each song is what :func:`generate_song` gives alone.
 
@@ -394,6 +497,15 @@ def generate_songs(
             number of windows.
         threads: PyTorch CPU threads while generating; ``None`` keeps the process's
             setting. Ignored on CUDA.
+        admit: Called with each song right before its first batch. ``False`` skips the
+            song (it gets no result), ``True`` starts it, and a :class:`Resume`
+            continues it from earlier windows (or starts it afresh when they do not fit
+            the song, which is logged).
+        on_progress: Called after each window that leaves a song unfinished. ``False``
+            drops the song: it leaves the run without a result.
+        should_stop: Called before each batch; ``True`` ends the run there. Songs in
+            progress then get no result: their latest state is the last
+            :class:`SongProgress` handed to ``on_progress``.
 
     Returns:
         The results in the order the songs finished.
@@ -408,13 +520,22 @@ def generate_songs(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected a whole number >= 1")
 
-    scheduler = _Scheduler(loaded, settings, batch_size, on_window)
+    scheduler = _Scheduler(loaded, settings, batch_size, on_window, admit)
     pending = deque(_Song(request, loaded, settings) for request in requests)
     active: list[_Song] = []
     results: list[SongResult] = []
     with cpu_threads(loaded, threads):
         while pending or active:
+            if should_stop is not None and should_stop():
+                logger.warning(
+                    "stopping before the next batch: %d song(s) in progress, %d not started",
+                    len(active),
+                    len(pending),
+                )
+                break
             batch = scheduler.next_batch(pending, active)
+            if not batch:
+                continue
             logger.debug(
                 "batch of %d: %s", len(batch), ", ".join(song.request.key for song in batch)
             )
@@ -426,4 +547,7 @@ def generate_songs(
                     results.append(result)
                     if on_song is not None:
                         on_song(result)
+                elif on_progress is not None and on_progress(song.progress()) is False:
+                    logger.warning("dropped %s at the caller's request", song.request.key)
+                    active.remove(song)
     return results

@@ -109,7 +109,7 @@ def test_stereo_batch_equals_alone(tiny_stereo_model_dir):
         np.testing.assert_array_equal(result.audio, alone(loaded, request))
 
 
-def test_song_handed_over_when_its_last_window_is_done(tiny_model):
+def test_song_handed_over_when_done(tiny_model):
     events = []
     results = generate_songs(
         tiny_model,
