@@ -214,3 +214,53 @@ def test_default_batch_size(tiny_model, monkeypatch):
 def test_invalid_batch_size(tiny_model, batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         generate_songs(tiny_model, REQUESTS[:1], SETTINGS, batch_size=batch_size)
+
+
+def test_worker_batches_and_records_failure(tmp_path, tiny_model):
+    import json
+
+    import soundfile
+
+    from mgutil.worker import prepare_batch, run_batch
+
+    jobs = tmp_path / "prompts.txt"
+    jobs.write_text("first beat ; 2 ; first\nsecond pad ; 1.5 ; second\nthird ; 3 ; third\n")
+    plan = prepare_batch(
+        prompts_path=jobs,
+        output_uri=str(tmp_path / "out"),
+        model_id=tiny_model.model_id,
+        hourly_cost_usd=0.36,
+        window_s=2.0,
+        context_s=1.0,
+        batch_size=3,
+    )
+    assert plan.parameters()["batch_size"] == 3
+    tokenizer = tiny_model.processor.tokenizer
+
+    def fail_on_second(kwargs):
+        if any("second" in text for text in tokenizer.batch_decode(kwargs["input_ids"])):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with BatchSpy(tiny_model.model, fail_on_second) as spy:
+        summary = run_batch(plan, loaded=tiny_model, progress=False)
+
+    first, second, third = (job.output_name for job in plan.job_file.jobs)
+    assert summary.failed == [second]
+    assert sorted(summary.generated) == sorted([first, third])
+    assert spy.calls[0][0] == 3
+    for job in (plan.job_file.jobs[0], plan.job_file.jobs[2]):
+        info = soundfile.info(str(tmp_path / "out" / job.output_name))
+        assert info.frames == round(job.duration_s * 32_000)
+        record = json.loads((tmp_path / "out" / "records" / job.record_name).read_text())
+        assert record["status"] == "done"
+        assert record["generation_time_s"] > 0
+    assert not (tmp_path / "out" / second).exists()
+
+
+def test_worker_rejects_invalid_batch_size(tmp_path):
+    from mgutil.worker import prepare_batch
+
+    jobs = tmp_path / "prompts.txt"
+    jobs.write_text("beat ; 1 ; beat\n")
+    with pytest.raises(ValueError, match="batch_size"):
+        prepare_batch(prompts_path=jobs, output_uri=str(tmp_path / "out"), batch_size=0)
