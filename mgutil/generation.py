@@ -347,7 +347,7 @@ class _CodeCapture:
 
 
 def lookahead_frames(loaded: LoadedModel) -> int:
-    """Frames generated past a song's end so its kept frames never see the batch's length.
+    """Return the frames each song runs past its end, so its kept frames ignore batch mates.
 
     With MusicGen's delay pattern, codebook ``k`` of frame ``f`` is predicted from the
     first codebook's frame ``f + k - 1``. A song's last kept frames therefore depend on
@@ -364,7 +364,8 @@ def _song_scales(scales, song: int) -> list:
     if scales is None:
         return [None]
     if isinstance(scales, list | tuple):
-        # Scales of each chunk are ``(batch, 1)`` tensors, or None without normalisation.
+        # Each chunk's scales are a tensor with the batch first, or None without
+        # normalisation, which MusicGen's EnCodec does not use.
         return [None if chunk is None else chunk[song : song + 1] for chunk in scales]
     return scales[song : song + 1]
 
