@@ -1,11 +1,11 @@
 """Checkpoints of songs in progress, so that a new worker continues a song, not restarts it.
 
-NOTE: the worker does not call this module yet. The plan is: after each window (or
-every few windows of a long song) the worker saves the song so far with
-:func:`save_checkpoint`; before generating a song it calls :func:`load_checkpoint` and
-continues from ``windows_done``; once the song is stored it calls
-:func:`delete_checkpoint`. The song's record then counts ``generation_s`` of the
-checkpoint plus the time of the last attempt.
+The worker (through :class:`mgutil.coordination.SongCoordinator`) saves the song so far
+with :func:`save_checkpoint` after a window once ``checkpoint_every_s`` seconds have
+passed since the last save, and at once on a spot interruption notice. Before generating
+a song it calls :func:`load_checkpoint` and continues from ``windows_done``. Once the song
+is stored it calls :func:`delete_checkpoint`. The song's record then counts
+``generation_s`` of the checkpoint plus the time of the last attempt.
 
 A checkpoint is one ``.npz`` file at ``partial/<output stem>.npz`` in the output store,
 written in one piece (a renamed temporary file locally, a single PUT on S3), so a

@@ -1,8 +1,9 @@
 """Claims: which worker generates which song, when several share one job file and output.
 
-NOTE: the worker does not call this module yet. The plan is: before generating a song,
-``try_claim`` it; renew with a :class:`ClaimKeeper` while it is generated; skip it if
-another worker has claimed it; ``release_claim`` once the song is stored.
+The worker claims each song right before it enters generation (through
+:class:`mgutil.coordination.SongCoordinator`), renews the claim with a
+:class:`ClaimKeeper` while the song is generated, skips songs that another worker has
+claimed, and releases the claim once the song is stored.
 
 A claim is a small JSON object at ``claims/<output key>`` in the output store. It names
 the worker, a random token and an expiry time. It is created with a conditional write

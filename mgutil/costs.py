@@ -2,8 +2,9 @@
 
 Each generated song gets a JSON record under ``records/`` beside the audio, written only
 after the audio is stored. A failed attempt gets its own record under
-``records/failed/``: status ``failed`` when generation failed, ``upload_failed`` when the
-song was generated but could not be stored (the worker keeps it in its local spool).
+``records/failed/``, with status ``failed`` and ``failure`` set to ``generation_failed``,
+or to ``upload_failed`` when the song was generated but could not be stored (the worker
+then keeps it in its local spool).
 ``cost_report.csv`` and ``failures.csv`` at the root of the output location are rebuilt
 from all records at the end of every run, so no run loses the rows of an earlier one.
 """
@@ -30,9 +31,9 @@ RUNS_PREFIX = "runs/"
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
-STATUS_UPLOAD_FAILED = "upload_failed"
-# Statuses of the attempts listed in failures.csv.
-FAILURE_STATUSES = (STATUS_FAILED, STATUS_UPLOAD_FAILED)
+# Why an attempt failed, in the ``failure`` field of its record.
+FAILURE_GENERATION = "generation_failed"
+FAILURE_UPLOAD = "upload_failed"
 
 # The first columns of cost_report.csv, in this order. s3_filename holds the output key,
 # for a local store too, so the report reads the same wherever it was made.
@@ -102,6 +103,8 @@ class SongRecord:
     # the time of every attempt.
     worker_id: str = ""
     attempts: int = 1
+    # FAILURE_GENERATION or FAILURE_UPLOAD for a failed attempt, else None.
+    failure: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False).encode("utf-8")
@@ -176,7 +179,7 @@ def build_cost_report(records: list[dict]) -> pd.DataFrame:
 def build_failures(records: list[dict]) -> pd.DataFrame:
     """Return one row per failed attempt; ``resolved`` says whether a later run stored it."""
     done_keys = {record["output_key"] for record in records if record.get("status") == STATUS_DONE}
-    failed = [record for record in records if record.get("status") in FAILURE_STATUSES]
+    failed = [record for record in records if record.get("status") == STATUS_FAILED]
     frame = _records_frame(failed)
     if frame.empty:
         return pd.DataFrame(columns=FAILURE_COLUMNS)

@@ -1,9 +1,9 @@
 """Watch the instance metadata service for a spot interruption notice.
 
-NOTE: the worker does not call this module yet. The plan is: start the watcher with
-:func:`watcher_from_environment` at the start of a run, check ``interrupted`` before each
-new window, and on a notice store the song in progress, write records and the report,
-upload logs and exit.
+The worker starts the watcher with :func:`watcher_from_environment` at the start of a
+run and checks ``interrupted`` before each batch of windows. On a notice it starts no new
+window, checkpoints the songs in progress, releases their claims, writes the records and
+the reports, and returns; a bootstrapped worker then uploads its log and notebook.
 
 EC2 announces that it will take a spot instance back about two minutes ahead at
 ``/latest/meta-data/spot/instance-action`` (404 until then, then JSON such as

@@ -76,6 +76,22 @@ def isolated_environment(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def spool_dir(tmp_path_factory):
+    """Keep the worker's spool of failed uploads in the session's temporary folder.
+
+    Session-scoped, so that module-scoped fixtures that run the worker use it too.
+    """
+    folder = tmp_path_factory.mktemp("spool")
+    before = os.environ.get("MUSICGEN_SPOOL_DIR")
+    os.environ["MUSICGEN_SPOOL_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("MUSICGEN_SPOOL_DIR", None)
+    else:
+        os.environ["MUSICGEN_SPOOL_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A moto server on 127.0.0.1 for the whole session; yields its endpoint URL."""
