@@ -39,6 +39,7 @@ from mgutil.batching import (
     SongResult,
     default_batch_size,
     generate_songs,
+    tune_for_batches,
 )
 from mgutil.claims import DEFAULT_TTL_S, new_worker_id
 from mgutil.config import Settings, load_settings, resolve_project_path
@@ -544,6 +545,8 @@ def _run(
     if loaded is None:
         loaded = model_loader(plan.model_id)
         plan.model_load_time_s = round(loaded.load_time_s, 3)
+        # Only a model this run loaded itself: a caller's model stays as it was given.
+        tune_for_batches(loaded)
     validate_settings(loaded, plan.generation)
     coordinator.sampling_rate = loaded.sampling_rate
     if _interrupted(watcher, summary):
