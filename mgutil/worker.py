@@ -82,8 +82,8 @@ class BatchPlan:
         job_file: Parsed job file, with any invalid lines.
         store: The output location.
         settings: The configuration the plan was resolved from.
-        batch_size: Most songs per ``generate`` call, or ``None`` to choose from the
-            device (see :func:`mgutil.batching.default_batch_size`).
+        batch_size: Maximum number of songs per ``generate`` call, or ``None`` to choose
+            from the device (see :func:`mgutil.batching.default_batch_size`).
         worker_id: Id of this worker, written into its claims and records.
         claim_ttl_s: Seconds a claim on a song lasts without renewal.
         checkpoint_every_s: Seconds of generation between two checkpoints of a song.
