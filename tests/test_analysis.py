@@ -6,6 +6,7 @@ Expected values are computed here from the record files, never copied from a run
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -55,7 +56,9 @@ def _generate(tiny_model, folder: Path, hourly_cost_usd: float, environment: dic
             settings=Settings(),
         )
         plan.store = FailingUploadStore(folder)
-        run_batch(plan, progress=False, model_loader=lambda _model_id: tiny_model)
+        # A copy, because the worker tunes a model it loaded itself, and the session's
+        # tiny model must stay as other tests expect it.
+        run_batch(plan, progress=False, model_loader=lambda _model_id: copy.deepcopy(tiny_model))
     return folder
 
 

@@ -402,11 +402,20 @@ INTERRUPTION_WINDOWS = ["--window-s", "20", "--context-s", "5"]
 
 @pytest.fixture(scope="module")
 def interruption_drill(tmp_path_factory, moto_server, tiny_model_dir):
+    return _interruption_drill(tmp_path_factory, moto_server, "moto", tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def interruption_seaweedfs_drill(tmp_path_factory, seaweedfs_server, tiny_model_dir):
+    return _interruption_drill(tmp_path_factory, seaweedfs_server, "seaweedfs", tiny_model_dir)
+
+
+def _interruption_drill(tmp_path_factory, endpoint, backend, tiny_model_dir):
     """A notice while the 70 s song is in its second window; a second worker finishes it."""
-    pool, root = _pool(tmp_path_factory, "interruption", moto_server)
-    bucket = create_bucket(moto_server)
+    pool, root = _pool(tmp_path_factory, f"interruption-{backend}", endpoint)
+    bucket = create_bucket(endpoint)
     output_uri = f"s3://{bucket}/songs"
-    store = s3_store(moto_server, bucket, "songs/")
+    store = s3_store(endpoint, bucket, "songs/")
     prompts = root / "prompts.txt"
     prompts.write_text(INTERRUPTION_JOBS, encoding="utf-8")
     jobs = _jobs(prompts, tiny_model_dir, 20.0, 5.0)
@@ -463,7 +472,7 @@ def interruption_drill(tmp_path_factory, moto_server, tiny_model_dir):
             ),
         )
         second_status = second.wait()
-        result = check_output(store, jobs, [first, second], "interruption (moto)")
+        result = check_output(store, jobs, [first, second], f"interruption ({backend})")
         record = json.loads(store.get_bytes(f"{costs.RECORDS_PREFIX}{job.record_name}"))
         result.details.update(
             first_status=first_status,
@@ -482,8 +491,10 @@ def interruption_drill(tmp_path_factory, moto_server, tiny_model_dir):
         pool.close()
 
 
-def test_interruption_drill(interruption_drill):
-    result = interruption_drill
+@pytest.mark.parametrize("backend", ["moto", "seaweedfs"])
+def test_interruption_drill(backend, request):
+    fixture = "interruption_drill" if backend == "moto" else "interruption_seaweedfs_drill"
+    result = request.getfixturevalue(fixture)
     details = result.details
     assert details["first_status"] == 0, details["first_log"][-3000:]
     assert details["second_status"] == 0, details["second_log"][-3000:]
@@ -727,9 +738,20 @@ def test_kill_drill(kill_drill):
 
 
 def test_drill_summary(
-    interruption_drill, kill_drill, fleet_moto_drill, fleet_seaweedfs_drill, capsys
+    interruption_drill,
+    interruption_seaweedfs_drill,
+    kill_drill,
+    fleet_moto_drill,
+    fleet_seaweedfs_drill,
+    capsys,
 ):
-    results = [interruption_drill, kill_drill, fleet_moto_drill, fleet_seaweedfs_drill]
+    results = [
+        interruption_drill,
+        interruption_seaweedfs_drill,
+        kill_drill,
+        fleet_moto_drill,
+        fleet_seaweedfs_drill,
+    ]
     header = (
         f"{'drill':<28} {'requested':>9} {'stored':>6} {'generated twice':>15} {'report rows':>11}"
     )
