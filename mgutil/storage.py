@@ -389,11 +389,7 @@ class S3Store(Store):
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("404", "NoSuchKey", "NotFound") or (
-                status == 404 and code != "NoSuchBucket"
-            ):
+            if self._is_missing_key(error):
                 return False
             raise self._error(error, "checking", key) from error
         except BotoCoreError as error:
@@ -554,6 +550,18 @@ class S3Store(Store):
     def _code(error) -> str:
         return str(error.response.get("Error", {}).get("Code", ""))
 
+    @classmethod
+    def _is_missing_key(cls, error) -> bool:
+        """Return whether a ClientError means the key is missing (404), not the bucket.
+
+        A HEAD response has no body, so its code may be the bare status ``404``.
+        """
+        code = cls._code(error)
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in ("404", "NoSuchKey", "NotFound") or (
+            status == 404 and code != "NoSuchBucket"
+        )
+
     def _unsupported(self, error, header: str, key: str) -> StorageError:
         return StorageError(
             f"s3://{self.bucket}/{self._key(key)}: the server does not support {header} "
@@ -601,11 +609,7 @@ class S3Store(Store):
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return Versioned(response["Body"].read(), response["ETag"])
         except ClientError as error:
-            code = self._code(error)
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchKey", "404", "NotFound") or (
-                status == 404 and code != "NoSuchBucket"
-            ):
+            if self._is_missing_key(error):
                 return None
             raise self._error(error, "reading", key) from error
         except BotoCoreError as error:
