@@ -20,8 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -30,6 +28,7 @@ import pandas as pd
 import papermill
 import pytest
 import soundfile
+from loopback import LoopbackServer, QuietHandler
 
 from mgutil.config import PROJECT_ROOT
 
@@ -47,7 +46,7 @@ CHARTS = ["cost_per_song", "generation_time", "cumulative_cost", "spot_price"]
 BOOTSTRAP_TIMEOUT_S = 900
 
 
-class MetadataHandler(BaseHTTPRequestHandler):
+class MetadataHandler(QuietHandler):
     """IMDSv2 on 127.0.0.1 with the facts of the instance that moto started."""
 
     facts: dict[str, str] = {}
@@ -67,26 +66,12 @@ class MetadataHandler(BaseHTTPRequestHandler):
         else:
             self._reply(404, "")
 
-    def _reply(self, status: int, body: str) -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def metadata_server():
     handler = type("Handler", (MetadataHandler,), {"facts": {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler.facts
-    server.shutdown()
-    server.server_close()
+    with LoopbackServer(handler) as server:
+        yield server.endpoint, handler.facts
 
 
 def _uv_binary() -> str:

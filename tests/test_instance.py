@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import LoopbackServer, QuietHandler
 
 from mgutil.instance import (
     EC2_WORKER_VARIABLE,
@@ -25,7 +24,7 @@ FACTS = {
 }
 
 
-class FakeMetadataServer:
+class FakeMetadataServer(LoopbackServer):
     """An IMDSv2 look-alike: PUT a token, then GET with it; ``requests`` logs every call."""
 
     def __init__(self, paths: dict[str, str]):
@@ -35,17 +34,7 @@ class FakeMetadataServer:
         self.issued = 0
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status: int, body: str = "") -> None:
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def do_PUT(self):
                 server.requests.append(("PUT", self.path))
                 if self.path != "/latest/api/token" or not self.headers.get(
@@ -67,17 +56,7 @@ class FakeMetadataServer:
                 else:
                     self._reply(404)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

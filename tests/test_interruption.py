@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import LoopbackServer, QuietHandler
 
 from mgutil.instance import EC2_WORKER_VARIABLE, ENDPOINT_VARIABLE, MetadataClient
 from mgutil.interruption import (
@@ -26,7 +26,7 @@ WAIT_S = 20.0
 FAST_INTERVAL_S = 0.02
 
 
-class SpotMetadataServer:
+class SpotMetadataServer(LoopbackServer):
     """An IMDSv2 look-alike that announces a rebalance and then an interruption.
 
     Args:
@@ -47,17 +47,7 @@ class SpotMetadataServer:
         self.tokens: dict[str, int] = {}
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status: int, body: str = "") -> None:
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def do_PUT(self):
                 with server.lock:
                     server.requests += 1
@@ -77,9 +67,7 @@ class SpotMetadataServer:
                         status, body = server._respond(self.path)
                 self._reply(status, body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def _respond(self, path: str) -> tuple[int, str]:
         if path == INSTANCE_ACTION_PATH:
@@ -89,14 +77,6 @@ class SpotMetadataServer:
             self.rebalance_gets += 1
             return (200, REBALANCE) if self.rebalance_gets > self.rebalance_after else (404, "")
         return 404, ""
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_notice_after_some_polls(caplog):

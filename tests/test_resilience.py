@@ -27,12 +27,12 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import soundfile
+from loopback import LoopbackServer, QuietHandler
 
 from mgutil import costs
 from mgutil.checkpoints import CHECKPOINT_PREFIX, decode_checkpoint
@@ -305,7 +305,7 @@ def assert_complete(result: DrillResult) -> None:
 # --- the instance metadata service ----------------------------------------------------
 
 
-class SpotMetadataMock:
+class SpotMetadataMock(LoopbackServer):
     """IMDSv2 on 127.0.0.1: instance facts, and a spot notice once :meth:`announce` is called.
 
     Every GET must carry a token from ``PUT /latest/api/token``. Until the notice,
@@ -328,17 +328,7 @@ class SpotMetadataMock:
         self.notice_reads = 0
         mock = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status: int, body: str = "") -> None:
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def do_PUT(self):  # noqa: N802 (http.server's naming)
                 if self.path != "/latest/api/token":
                     self._reply(404)
@@ -364,10 +354,7 @@ class SpotMetadataMock:
                     return
                 self._reply(404)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def announce(self, seconds_ahead: float = 120.0) -> None:
         """Announce that EC2 terminates the instance ``seconds_ahead`` seconds from now."""
@@ -375,14 +362,6 @@ class SpotMetadataMock:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
         with self.lock:
             self.notice = json.dumps({"action": "terminate", "time": stamp})
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # --- the drills -----------------------------------------------------------------------

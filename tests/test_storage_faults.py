@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import http.client
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
 from botocore.config import Config
+from loopback import LoopbackServer, QuietHandler
 
 from mgutil.errors import StorageError
 from mgutil.storage import S3Store, is_transient_error, make_s3_client
@@ -26,7 +26,7 @@ _FAULT_BODIES = {
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """A reverse proxy to ``upstream`` that fails every ``every``-th request.
 
     Args:
@@ -51,11 +51,8 @@ class FaultProxy:
         self.faults: list = []
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
 
             def _read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -116,10 +113,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def _next_fault(self, method: str, path: str):
         if self.match is not None and not self.match(method, path):
@@ -131,14 +125,6 @@ class FaultProxy:
             fault = self.kinds[len(self.faults) % len(self.kinds)]
             self.faults.append(fault)
             return fault
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _client(endpoint: str, attempts: int):
