@@ -489,7 +489,7 @@ def generate_songs(
         loaded: The model.
         requests: The songs, in the order to start them.
         settings: Window, context and sampling settings, shared by all songs.
-        batch_size: Most songs per ``generate`` call; ``None`` for
+        batch_size: Maximum number of songs per ``generate`` call; ``None`` for
             :func:`default_batch_size`.
         on_song: Called with each song's result as soon as its last window is done, or
             as soon as it fails. An exception it raises stops the run.
